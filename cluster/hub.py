@@ -1,0 +1,225 @@
+"""The connection hub: which gateway replica holds which user's sockets, and a mailbox
+per gateway replica that it long-polls.
+
+Ray 2.60 cannot call one chosen replica of a deployment, so deliveries flow the other way:
+a stage publishes frames for users to the hub shard that owns them (users are hashed onto
+shards); the hub appends them to the mailbox of each replica where the user has a
+connection; each gateway replica pulls its mailbox. This doubles as the presence registry.
+
+Guarantees: best-effort, at-most-once per publish. A frame for a user with no live
+connection is dropped (durable types are replayed from the store on reconnect). A mailbox
+over ``mailbox_limit`` sheds its oldest frames (counted). A gateway replica that has not
+pulled for ``gateway_ttl_s`` is presumed dead and its connections are removed. If a hub
+actor restarts, its state is empty: each gateway notices (``pull`` returns None) and
+attaches its live connections again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from cluster.sharding import named_actor, shard_of
+
+Delivery = tuple[Sequence[str], dict[str, Any]]
+
+
+@dataclass
+class _Gateway:
+    last_seen: float
+    conns: dict[str, str] = field(default_factory=dict)  # connection id -> user id
+    mailbox: list[Delivery] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@ray.remote
+class ConnectionHub:
+    def __init__(self, shard: int, gateway_ttl_s: float = 15.0, mailbox_limit: int = 100_000) -> None:
+        self.shard = shard
+        self.gateway_ttl_s = gateway_ttl_s
+        self.mailbox_limit = mailbox_limit
+        self.gateways: dict[str, _Gateway] = {}
+        self.users: dict[str, dict[str, int]] = defaultdict(dict)  # user -> gateway -> conns
+        self.last_seen: dict[str, float] = {}
+        self.published = 0
+        self.routed = 0
+        self.shed = 0
+        self._reaped_at = 0.0
+
+    def _gateway(self, gateway: str) -> _Gateway:
+        gw = self.gateways.get(gateway)
+        if gw is None:
+            gw = self.gateways[gateway] = _Gateway(time.time())
+        return gw
+
+    def _forget(self, gateway: str, conn: str) -> str | None:
+        gw = self.gateways.get(gateway)
+        if gw is None:
+            return None
+        user = gw.conns.pop(conn, None)
+        if user is None:
+            return None
+        per = self.users.get(user, {})
+        left = per.get(gateway, 0) - 1
+        if left > 0:
+            per[gateway] = left
+        else:
+            per.pop(gateway, None)
+        if not per:
+            self.users.pop(user, None)
+            self.last_seen[user] = time.time()
+            return user  # went offline
+        return None
+
+    def _reap(self) -> None:
+        now = time.time()
+        if now - self._reaped_at < 1.0:
+            return
+        self._reaped_at = now
+        for name, gw in list(self.gateways.items()):
+            if now - gw.last_seen > self.gateway_ttl_s:
+                for conn in list(gw.conns):
+                    self._forget(name, conn)
+                del self.gateways[name]
+
+    async def attach(self, gateway: str, conns: Sequence[tuple[str, str]]) -> list[str]:
+        """Register (connection id, user id) pairs; returns users that just came online."""
+        gw = self._gateway(gateway)
+        gw.last_seen = time.time()
+        came_online = []
+        for conn, user in conns:
+            if conn in gw.conns:
+                continue
+            gw.conns[conn] = user
+            if user not in self.users:
+                came_online.append(user)
+            per = self.users[user]
+            per[gateway] = per.get(gateway, 0) + 1
+        return came_online
+
+    async def detach(self, gateway: str, conns: Sequence[str]) -> list[str]:
+        """Forget connections; returns users that went offline."""
+        return [u for c in conns if (u := self._forget(gateway, c)) is not None]
+
+    async def publish(self, deliveries: Sequence[Delivery]) -> int:
+        """Route frames to the mailboxes of the gateways holding the recipients.
+        Returns how many (user, gateway) routes were made."""
+        self._reap()
+        routed = 0
+        touched: set[str] = set()
+        for users, frame in deliveries:
+            per_gw: dict[str, list[str]] = {}
+            for user in users:
+                for gw_name in self.users.get(user, ()):
+                    per_gw.setdefault(gw_name, []).append(user)
+            for gw_name, gw_users in per_gw.items():
+                gw = self.gateways[gw_name]
+                gw.mailbox.append((gw_users, frame))
+                touched.add(gw_name)
+                routed += len(gw_users)
+        for gw_name in touched:
+            gw = self.gateways[gw_name]
+            if len(gw.mailbox) > self.mailbox_limit:
+                over = len(gw.mailbox) - self.mailbox_limit
+                del gw.mailbox[:over]
+                self.shed += over
+            gw.wake.set()
+        self.published += len(deliveries)
+        self.routed += routed
+        return routed
+
+    async def pull(self, gateway: str, wait_s: float = 1.0) -> list[Delivery] | None:
+        """A gateway's frames, waiting up to wait_s for some. None: this hub does not know
+        the gateway (it restarted, or the gateway was reaped): attach again."""
+        gw = self.gateways.get(gateway)
+        if gw is None:
+            return None
+        gw.last_seen = time.time()
+        if not gw.mailbox:
+            gw.wake.clear()
+            try:
+                await asyncio.wait_for(gw.wake.wait(), wait_s)
+            except TimeoutError:
+                pass
+            if self.gateways.get(gateway) is not gw:
+                return None
+        out, gw.mailbox = gw.mailbox, []
+        gw.last_seen = time.time()
+        return out
+
+    async def presence(self, users: Sequence[str]) -> list[tuple[str, bool, float | None]]:
+        self._reap()
+        now = time.time()
+        return [
+            (u, True, now) if u in self.users else (u, False, self.last_seen.get(u)) for u in users
+        ]
+
+    async def stats(self) -> dict[str, Any]:
+        self._reap()
+        return {
+            "shard": self.shard,
+            "gateways": len(self.gateways),
+            "connections": sum(len(g.conns) for g in self.gateways.values()),
+            "users_online": len(self.users),
+            "published": self.published,
+            "routed": self.routed,
+            "shed": self.shed,
+            "mailbox_depth": sum(len(g.mailbox) for g in self.gateways.values()),
+        }
+
+
+class HubClient:
+    """The ``DeliveryHub`` port over the hub shards, plus what gateways need."""
+
+    def __init__(self, shards: int = 1, gateway_ttl_s: float = 15.0) -> None:
+        self.n = max(1, shards)
+        self.actors = [
+            named_actor(ConnectionHub, f"conveyor-hub-{i}", i, gateway_ttl_s) for i in range(self.n)
+        ]
+
+    def shard(self, user: str) -> int:
+        return shard_of(user, self.n)
+
+    async def publish(self, deliveries: Sequence[Delivery]) -> None:
+        if self.n == 1:
+            await self.actors[0].publish.remote(list(deliveries))
+            return
+        parts: dict[int, list[Delivery]] = defaultdict(list)
+        for users, frame in deliveries:
+            by_shard: dict[int, list[str]] = defaultdict(list)
+            for u in users:
+                by_shard[self.shard(u)].append(u)
+            for s, us in by_shard.items():
+                parts[s].append((us, frame))
+        await asyncio.gather(*(self.actors[s].publish.remote(d) for s, d in parts.items()))
+
+    async def attach(self, gateway: str, conns: Sequence[tuple[str, str]]) -> list[str]:
+        parts: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        for conn, user in conns:
+            parts[self.shard(user)].append((conn, user))
+        res = await asyncio.gather(*(self.actors[s].attach.remote(gateway, c) for s, c in parts.items()))
+        return [u for r in res for u in r]
+
+    async def detach(self, gateway: str, conns: Sequence[tuple[str, str]]) -> list[str]:
+        parts: dict[int, list[str]] = defaultdict(list)
+        for conn, user in conns:
+            parts[self.shard(user)].append(conn)
+        res = await asyncio.gather(*(self.actors[s].detach.remote(gateway, c) for s, c in parts.items()))
+        return [u for r in res for u in r]
+
+    async def presence(self, users: Sequence[str]) -> list[tuple[str, bool, float | None]]:
+        parts: dict[int, list[str]] = defaultdict(list)
+        for u in users:
+            parts[self.shard(u)].append(u)
+        res = await asyncio.gather(*(self.actors[s].presence.remote(us) for s, us in parts.items()))
+        found = {u: (u, online, seen) for r in res for (u, online, seen) in r}
+        return [found[u] for u in users]
+
+    async def stats(self) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(a.stats.remote() for a in self.actors)))

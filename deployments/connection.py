@@ -1,0 +1,219 @@
+"""One WebSocket connection: an ordered, gap-free writer with redelivery.
+
+Delivery rules per (connection, chat):
+- ``upto``: highest seq written to this socket in order; ``receipted``: highest seq the
+  user acknowledged (cumulative). Both start at the member's stored pointer.
+- A live frame with seq == upto + 1 is written; seq <= upto is skipped (already sent);
+  a gap (or a frame we had to shed) triggers a catch-up read from the store, so the client
+  always sees a chat's messages in seq order without holes.
+- The sender's own message on the connection it came from is not echoed: the ack already
+  told it the seq. It counts as received there, so the pointer moves past it.
+- If receipts stall (upto > receipted) for longer than the backoff, everything after
+  ``receipted`` is sent again (same message ids) and the backoff doubles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.websockets import WebSocket
+
+from adapters.postgres import PostgresStore
+
+log = logging.getLogger("conveyor.gateway")
+CATCH_UP_PAGE = 200
+
+
+@dataclass
+class ChatState:
+    upto: int
+    receipted: int
+    sent: dict[str, int] = field(default_factory=dict)  # message id -> seq, not yet receipted
+    own: dict[int, str] = field(default_factory=dict)  # own seq -> message id, past receipted
+    progress_at: float = field(default_factory=time.monotonic)
+    attempts: int = 0
+
+
+class Connection:
+    def __init__(
+        self,
+        ws: WebSocket,
+        user_id: str,
+        store: PostgresStore,
+        *,
+        queue_size: int,
+        implicit_receipt: Callable[[str, str], None],
+    ) -> None:
+        self.ws = ws
+        self.user_id = user_id
+        self.id = str(uuid.uuid4())
+        self.store = store
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(queue_size)
+        self.chats: dict[str, ChatState] = {}
+        self.lagging: set[str] = set()
+        self.implicit_receipt = implicit_receipt
+        self.closed = False
+        self.redelivered = 0
+        self._writer: asyncio.Task[None] | None = None
+
+    # --- called by the gateway --------------------------------------------------------
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop())
+
+    async def stop(self) -> None:
+        self.closed = True
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Queue a frame that needs no ordering (ack, system, error, signal...)."""
+        if self.closed:
+            return
+        try:
+            self.queue.put_nowait(("frame", frame))
+        except asyncio.QueueFull:
+            log.warning("connection %s: outbound queue full, %s frame dropped",
+                        self.id, frame.get("type"))
+
+    def deliver(self, frame: dict[str, Any], origin: str | None = None) -> None:
+        """Queue a chat message (shared, never mutated); ``origin`` is the connection it
+        was sent from. If the queue is full the message is read back from the store."""
+        if self.closed:
+            return
+        try:
+            self.queue.put_nowait(("message", (frame, origin)))
+        except asyncio.QueueFull:
+            self.lagging.add(frame["chatId"])
+
+    def catch_up(self, chat_id: str) -> None:
+        try:
+            self.queue.put_nowait(("catchup", chat_id))
+        except asyncio.QueueFull:
+            self.lagging.add(chat_id)
+
+    def init_chats(self, pointers: list[Any]) -> None:
+        for p in pointers:
+            self.chats[p.chat_id] = ChatState(p.delivered_seq, p.delivered_seq)
+            if p.last_seq > p.delivered_seq:
+                self.catch_up(p.chat_id)
+
+    def on_receipt(self, message_ids: list[str]) -> None:
+        for st in self.chats.values():
+            if not st.sent:
+                continue
+            best = max((st.sent[m] for m in message_ids if m in st.sent), default=None)
+            if best is not None and best > st.receipted:
+                self._advance(st, best)
+
+    def due_redelivery(self, now: float, base_s: float, max_s: float) -> list[str]:
+        due = []
+        for chat_id, st in self.chats.items():
+            if st.upto > st.receipted:
+                wait = min(max_s, base_s * (2**st.attempts))
+                if now - st.progress_at >= wait:
+                    st.attempts += 1
+                    st.progress_at = now
+                    st.upto = st.receipted
+                    st.sent.clear()
+                    self.redelivered += 1
+                    due.append(chat_id)
+        return due
+
+    # --- internals --------------------------------------------------------------------
+    def _advance(self, st: ChatState, seq: int) -> None:
+        st.receipted = seq
+        st.attempts = 0
+        st.progress_at = time.monotonic()
+        for m in [m for m, s in st.sent.items() if s <= seq]:
+            del st.sent[m]
+        # Own messages right after the receipted point count as received too.
+        while st.receipted + 1 in st.own and st.receipted + 1 <= st.upto:
+            st.receipted += 1
+            self.implicit_receipt(self.user_id, st.own.pop(st.receipted))
+        for s in [s for s in st.own if s <= st.receipted]:
+            del st.own[s]
+
+    async def _state(self, chat_id: str) -> ChatState:
+        st = self.chats.get(chat_id)
+        if st is None:
+            pointers = await self.store.pointers(self.user_id, chat_id)
+            base = pointers[0].delivered_seq if pointers else 0
+            st = self.chats.setdefault(chat_id, ChatState(base, base))
+        return st
+
+    async def _write(self, frame: dict[str, Any]) -> None:
+        await self.ws.send_text(orjson.dumps(frame).decode())
+
+    async def _write_message(self, st: ChatState, frame: dict[str, Any]) -> None:
+        if st.upto == st.receipted:
+            st.progress_at = time.monotonic()
+        await self._write(frame)
+        st.upto = frame["seq"]
+        st.sent[frame["messageId"]] = frame["seq"]
+
+    async def _on_message(self, frame: dict[str, Any], origin: str | None) -> None:
+        chat_id = frame["chatId"]
+        st = await self._state(chat_id)
+        seq = frame["seq"]
+        if seq <= st.upto:
+            return
+        if seq > st.upto + 1:
+            await self._catch_up(chat_id)
+            return
+        if origin == self.id:
+            st.upto = seq
+            if st.receipted == seq - 1:
+                st.receipted = seq
+                self.implicit_receipt(self.user_id, frame["messageId"])
+            else:
+                st.own[seq] = frame["messageId"]
+            return
+        await self._write_message(st, frame)
+
+    async def _catch_up(self, chat_id: str) -> None:
+        st = await self._state(chat_id)
+        while not self.closed:
+            page = await self.store.messages_after(chat_id, st.upto, CATCH_UP_PAGE)
+            for m in page:
+                if m.seq == st.upto + 1:
+                    await self._write_message(st, m.frame())
+            if len(page) < CATCH_UP_PAGE:
+                return
+
+    async def _write_loop(self) -> None:
+        while not self.closed:
+            kind, item = await self.queue.get()
+            try:
+                if kind == "frame":
+                    await self._write(item)
+                elif kind == "message":
+                    await self._on_message(*item)
+                else:
+                    await self._catch_up(item)
+                while self.lagging and self.queue.empty():
+                    await self._catch_up(self.lagging.pop())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a broken socket ends the loop; the reader sees it
+                if not self.closed:
+                    log.info("connection %s: write failed: %r", self.id, exc)
+                self.closed = True
+                return
+
+
+async def guarded(coro: Awaitable[Any], what: str) -> Any:
+    try:
+        return await coro
+    except Exception:
+        log.exception("%s failed", what)
+        return None

@@ -1,0 +1,424 @@
+"""The Gateway: Conveyor's ingress deployment (HTTP + WebSocket ``/v1/ws``).
+
+Thin by design: it authenticates, parses frames, buffers them per type (bounded), and
+moves *batches* through each type's pipeline (stage hosts are other deployments). It holds
+the sockets, so it also pulls deliveries for them from the connection hub and writes them
+in order (see ``deployments/connection.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from ray import serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from adapters.auth import AuthError, JwtVerifier
+from deployments.connection import Connection, guarded
+from deployments.http import ApiError, authenticate, error_response, json_response, token_of
+from deployments.runner import PipelineRunner, TypeBatcher
+from serve_app.bootstrap import open_services
+from serve_app.settings import Settings
+from stages.model import Envelope, Outcome, Verdict
+
+log = logging.getLogger("conveyor.gateway")
+
+# Frames the gateway answers itself; everything else must have a pipeline.
+LOCAL_TYPES = {"ping", "sync"}
+MAX_CLIENT_ID = 64
+
+
+class FrameError(Exception):
+    def __init__(self, code: str, message: str, frame_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.frame_id = frame_id
+
+
+class GatewayAcks:
+    """``AckSink``: ack frames to the senders' connections on this replica."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def acknowledge(self, batch: Sequence[Envelope]) -> None:
+        for env in batch:
+            conn = self.gateway.connections.get(env.connection or "")
+            if conn is None:
+                continue
+            frame: dict[str, Any] = {
+                "type": "ack",
+                "id": env.id,
+                "status": "duplicate" if env.meta.get("duplicate") else "accepted",
+            }
+            for key in ("messageId", "chatId", "seq"):
+                if key in env.meta:
+                    frame[key] = env.meta[key]
+            frame.update(env.meta.get("ack", {}))
+            conn.send(frame)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=1000)
+@serve.ingress()
+class Gateway:
+    async def __init__(self, settings: dict[str, Any], hosts: dict[str, str],
+                       handles: dict[str, Any]) -> None:
+        self.settings = Settings(**settings)
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a replica (tests of the class itself)
+            self.replica_id = "local"
+        self.services = await open_services(self.settings)
+        self.store = self.services.store
+        self.hub = self.services.hub
+        self.verifier = JwtVerifier.from_settings(self.settings)
+        self.connections: dict[str, Connection] = {}
+        self.by_user: dict[str, set[Connection]] = {}
+        self.handles = handles
+        self.runner = PipelineRunner(
+            self.services.resolver, self.services.registry, hosts, handles,
+            local_ports={**self.services.ports(), "acks": GatewayAcks(self)},
+        )
+        self.batchers: dict[str, TypeBatcher] = {}
+        for type_name in self.services.resolver.types:
+            spec = self.services.resolver.spec(type_name)
+            self.batchers[type_name] = TypeBatcher(
+                spec, self.runner, self._settle,
+                capacity=self.settings.inbound_buffer,
+                wait_ms=self.settings.batch_wait_ms,
+                max_batch=self.settings.batch_max,
+                on_drop=self._dropped,
+            )
+        self.dropped: dict[tuple[str, str], int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        return Starlette(routes=self._routes())
+
+    def _routes(self) -> list[BaseRoute]:
+        return [
+            WebSocketRoute("/v1/ws", self.ws_endpoint),
+            Route("/v1/chats", self.create_chat, methods=["POST"]),
+            Route("/v1/chats", self.list_chats, methods=["GET"]),
+            Route("/v1/chats/{chat_id}/messages", self.chat_messages, methods=["GET"]),
+            Route("/v1/presence", self.presence, methods=["GET"]),
+            Route("/health/live", self.live, methods=["GET"]),
+            Route("/health/ready", self.ready, methods=["GET"]),
+        ]
+
+    def _ensure_started(self) -> None:
+        # Background loops start on the replica's serving event loop.
+        if self._started:
+            return
+        self._started = True
+        for b in self.batchers.values():
+            b.start()
+        for shard in range(self.hub.n):
+            self._tasks.append(asyncio.create_task(self._pull_loop(shard)))
+        self._tasks.append(asyncio.create_task(self._redelivery_loop()))
+
+    # --- WebSocket ----------------------------------------------------------------------
+    async def ws_endpoint(self, ws: WebSocket) -> None:
+        self._ensure_started()
+        try:
+            principal = await self.verifier.verify(token_of(ws, allow_query=True))
+        except AuthError as exc:
+            await ws.accept()
+            await ws.close(code=4401, reason=exc.message[:120])
+            return
+        await ws.accept()
+        conn = Connection(
+            ws, principal.user_id, self.store,
+            queue_size=self.settings.connection_queue,
+            implicit_receipt=self._implicit_receipt,
+        )
+        self.connections[conn.id] = conn
+        self.by_user.setdefault(conn.user_id, set()).add(conn)
+        try:
+            await self.hub.attach(self.replica_id, [(conn.id, conn.user_id)])
+            conn.send({"type": "system", "event": "connected",
+                       "data": {"userId": conn.user_id, "connectionId": conn.id,
+                                "gateway": self.replica_id}})
+            conn.init_chats(await self.store.pointers(conn.user_id))
+            conn.start()
+            await self._read_loop(conn)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self.connections.pop(conn.id, None)
+            peers = self.by_user.get(conn.user_id)
+            if peers is not None:
+                peers.discard(conn)
+                if not peers:
+                    del self.by_user[conn.user_id]
+            await conn.stop()
+            await guarded(self.hub.detach(self.replica_id, [(conn.id, conn.user_id)]), "hub detach")
+
+    async def _read_loop(self, conn: Connection) -> None:
+        while not conn.closed:
+            message = await conn.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            if raw is None:
+                raw_bytes = message.get("bytes") or b""
+                size = len(raw_bytes)
+            else:
+                raw_bytes = None
+                size = len(raw)  # characters ≤ bytes; the exact check follows
+            try:
+                if size > self.settings.max_frame_bytes or (
+                    raw is not None and len(raw.encode()) > self.settings.max_frame_bytes
+                ):
+                    raise FrameError("too_large",
+                                     f"frame exceeds {self.settings.max_frame_bytes} bytes")
+                await self._on_frame(conn, raw if raw is not None else raw_bytes)
+            except FrameError as exc:
+                err: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
+                if exc.frame_id is not None:
+                    err["id"] = exc.frame_id
+                conn.send(err)
+
+    async def _on_frame(self, conn: Connection, raw: str | bytes | None) -> None:
+        try:
+            frame = orjson.loads(raw or b"")
+        except orjson.JSONDecodeError:
+            raise FrameError("bad_frame", "frame is not valid JSON") from None
+        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            raise FrameError("bad_frame", "frame must be a JSON object with a string 'type'")
+        ftype: str = frame["type"]
+        fid = frame.get("id")
+        frame_id = fid if isinstance(fid, str) else None
+        if ftype == "ping":
+            conn.send({"type": "pong"})
+            return
+        batcher = self.batchers.get(ftype)
+        if batcher is None and ftype not in LOCAL_TYPES:
+            raise FrameError("unknown_type", f"unknown frame type {ftype!r}", frame_id)
+        if ftype != "receipt" and (frame_id is None or not 0 < len(frame_id) <= MAX_CLIENT_ID):
+            raise FrameError("invalid", f"'id' must be a string of 1..{MAX_CLIENT_ID} characters",
+                             frame_id)
+        if ftype == "sync":
+            await self._sync(conn, frame)
+            return
+        assert batcher is not None
+        if ftype == "receipt" and isinstance(frame.get("messageIds"), list):
+            conn.on_receipt([m for m in frame["messageIds"] if isinstance(m, str)])
+        fields = {k: v for k, v in frame.items() if k not in ("type", "id")}
+        env = Envelope(type=ftype, id=frame_id or "", sender=conn.user_id, connection=conn.id,
+                       gateway=self.replica_id, fields=fields)
+        if batcher.spec.overflow == "drop":
+            if not batcher.offer(env):
+                self._dropped(env, "buffer_full")
+            return
+        if not batcher.offer(env):
+            # Durable: never dropped. Tell the client once, then stop reading this socket
+            # until the buffer has room.
+            conn.send({"type": "system", "event": "overload",
+                       "data": {"type": ftype, "buffered": batcher.depth}})
+            await batcher.put(env)
+
+    async def _sync(self, conn: Connection, frame: dict[str, Any]) -> None:
+        chat_id = frame.get("chatId")
+        after = frame.get("afterSeq", 0)
+        limit = frame.get("limit", 50)
+        if not isinstance(chat_id, str) or not isinstance(after, int) or not isinstance(limit, int):
+            raise FrameError("invalid", "sync needs chatId (string), afterSeq and limit (integers)",
+                             frame.get("id"))
+        try:
+            messages, has_more = await self._history(conn.user_id, chat_id, after, limit)
+        except ApiError as exc:
+            raise FrameError(exc.code, exc.message, frame.get("id")) from None
+        conn.send({"type": "sync", "id": frame["id"], "chatId": chat_id,
+                   "messages": messages, "hasMore": has_more})
+
+    def _implicit_receipt(self, user_id: str, message_id: str) -> None:
+        env = Envelope(type="receipt", id="", sender=user_id,
+                       fields={"messageIds": [message_id], "status": "delivered"})
+        if not self.batchers["receipt"].offer(env):
+            log.info("receipt buffer full: implicit receipt for %s left to the next one", user_id)
+
+    async def _settle(self, outcomes: list[Outcome]) -> None:
+        """After a batch: rejected items get a rejected ack; drops are counted."""
+        for o in outcomes:
+            env = o.envelope
+            if o.verdict is Verdict.DROP:
+                self._dropped(env, o.code or "stage")
+            elif o.verdict is Verdict.REJECT:
+                conn = self.connections.get(env.connection or "")
+                if conn is None:
+                    continue
+                if env.type == "receipt":
+                    conn.send({"type": "error", "code": o.code or "invalid", "message": o.message})
+                    continue
+                error: dict[str, Any] = {"code": o.code, "message": o.message}
+                if o.retry_after is not None:
+                    error["retryAfter"] = o.retry_after
+                conn.send({"type": "ack", "id": env.id, "status": "rejected", "error": error})
+
+    def _dropped(self, env: Envelope, reason: str) -> None:
+        key = (env.type, reason)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+        log.info("dropped %s from %s: %s", env.type, env.sender, reason)
+
+    # --- deliveries from the hub ----------------------------------------------------------
+    async def _pull_loop(self, shard: int) -> None:
+        actor = self.hub.actors[shard]
+        while True:
+            try:
+                got = await actor.pull.remote(self.replica_id, self.settings.hub_pull_wait_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("hub shard %d unreachable: %r", shard, exc)
+                await asyncio.sleep(1.0)
+                continue
+            if got is None:
+                # The hub does not know us (restarted, or we were reaped): attach again.
+                conns = [(c.id, c.user_id) for c in self.connections.values()
+                         if self.hub.shard(c.user_id) == shard]
+                await guarded(actor.attach.remote(self.replica_id, conns), "hub re-attach")
+                continue
+            for users, frame in got:
+                if frame.get("type") == "message":
+                    origin = frame.get("_origin")
+                    clean = {k: v for k, v in frame.items() if k != "_origin"}
+                    for user in users:
+                        for conn in self.by_user.get(user, ()):
+                            conn.deliver(clean, origin)
+                else:
+                    for user in users:
+                        for conn in self.by_user.get(user, ()):
+                            conn.send(frame)
+
+    async def _redelivery_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                for chat_id in conn.due_redelivery(now, self.settings.redelivery_base_s,
+                                                   self.settings.redelivery_max_s):
+                    conn.catch_up(chat_id)
+
+    # --- HTTP -----------------------------------------------------------------------------
+    async def _history(self, user_id: str, chat_id: str, after: int, limit: int
+                       ) -> tuple[list[dict[str, Any]], bool]:
+        if after < 0 or not 1 <= limit <= 500:
+            raise ApiError(400, "invalid", "afterSeq must be >= 0 and limit 1..500")
+        members = await self.store.members([chat_id])
+        if chat_id not in members:
+            raise ApiError(404, "not_found", "no such chat")
+        if user_id not in members[chat_id]:
+            raise ApiError(403, "forbidden", "not a member of this chat")
+        rows = await self.store.messages_after(chat_id, after, limit + 1)
+        return [m.frame() for m in rows[:limit]], len(rows) > limit
+
+    async def _guard(self, request: Request) -> Any:
+        self._ensure_started()
+        return await authenticate(request, self.verifier)
+
+    async def create_chat(self, request: Request) -> Response:
+        try:
+            principal = await self._guard(request)
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError:
+                raise ApiError(400, "invalid", "body is not valid JSON") from None
+            members = body.get("members") if isinstance(body, dict) else None
+            title = body.get("title") if isinstance(body, dict) else None
+            if (not isinstance(members, list) or not 1 <= len(members) <= 1000
+                    or not all(isinstance(m, str) and 0 < len(m) <= 128 for m in members)):
+                raise ApiError(400, "invalid", "'members' must be a list of 1..1000 user ids")
+            if title is not None and (not isinstance(title, str) or len(title) > 200):
+                raise ApiError(400, "invalid", "'title' must be a string of at most 200 characters")
+            chat_id = await self.store.create_chat(principal.user_id, members, title)
+            everyone = sorted({principal.user_id, *members})
+            return json_response({"chatId": chat_id, "members": everyone, "title": title}, 201)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+    async def list_chats(self, request: Request) -> Response:
+        try:
+            principal = await self._guard(request)
+            return json_response({"chats": await self.store.chats_of(principal.user_id)})
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+    async def chat_messages(self, request: Request) -> Response:
+        try:
+            principal = await self._guard(request)
+            try:
+                after = int(request.query_params.get("afterSeq", "0"))
+                limit = int(request.query_params.get("limit", "50"))
+            except ValueError:
+                raise ApiError(400, "invalid", "afterSeq and limit must be integers") from None
+            messages, has_more = await self._history(
+                principal.user_id, request.path_params["chat_id"], after, limit)
+            return json_response({"messages": messages, "hasMore": has_more})
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+    async def presence(self, request: Request) -> Response:
+        try:
+            await self._guard(request)
+            users = [u for u in request.query_params.getlist("userId") for u in u.split(",") if u]
+            if not users or len(users) > 500:
+                raise ApiError(400, "invalid", "give 1..500 userId values")
+            found = await self.hub.presence(users)
+            out = []
+            for user, online, seen in found:
+                last = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seen))
+                        if seen is not None else None)
+                out.append({"userId": user, "online": online, "lastSeen": last})
+            return json_response({"users": out})
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+    async def live(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        self._ensure_started()
+        checks: dict[str, dict[str, Any]] = {}
+
+        async def check(name: str, coro: Any) -> None:
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(coro, 5.0)
+                checks[name] = {"status": "up", "latencyMs": round((time.monotonic() - t0) * 1000, 1)}
+            except Exception as exc:
+                checks[name] = {"status": "down", "error": repr(exc)[:200]}
+
+        await asyncio.gather(
+            check("database", self.store.ping()),
+            check("hub", self.hub.stats()),
+            *(check(f"stage:{name}", h.ping.remote()) for name, h in self.handles.items()),
+        )
+        ok = all(c["status"] == "up" for c in checks.values())
+        return json_response({"status": "ready" if ok else "unavailable", "checks": checks},
+                             200 if ok else 503)
+
+    async def check_health(self) -> None:
+        await self.store.ping()
+
+    async def __del__(self) -> None:
+        # Replica shutting down: tell clients to reconnect (to another replica). Durable
+        # work is safe: it is in PostgreSQL or will be replayed on reconnect.
+        for conn in list(self.connections.values()):
+            with contextlib.suppress(Exception):
+                await conn.ws.send_text(orjson.dumps(
+                    {"type": "system", "event": "reconnect",
+                     "data": {"reason": "gateway shutting down"}}).decode())
+                await conn.ws.close(code=1012)

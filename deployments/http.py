@@ -1,0 +1,46 @@
+"""HTTP helpers shared by the gateway's endpoints: JSON responses, errors, auth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+
+from adapters.auth import AuthError, JwtVerifier, Principal, bearer_token
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def error_response(status: int, code: str, message: str) -> Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="conveyor"'} if status == 401 else None
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+def token_of(conn: HTTPConnection, allow_query: bool = False) -> str | None:
+    token = bearer_token(conn.headers.get("authorization"))
+    if token is None and allow_query:
+        token = conn.query_params.get("access_token")
+    return token
+
+
+async def authenticate(conn: HTTPConnection, verifier: JwtVerifier, allow_query: bool = False
+                       ) -> Principal:
+    try:
+        return await verifier.verify(token_of(conn, allow_query))
+    except AuthError as exc:
+        raise ApiError(exc.status, exc.code, exc.message) from None

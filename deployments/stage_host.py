@@ -1,0 +1,52 @@
+"""A Serve deployment that hosts one or more pipeline stages.
+
+The gateway calls ``run`` with a *batch* and the slice of a type's stage list this host
+should execute; the host runs those stages (domain code from ``stages/``) with its ports.
+Which stages a host serves, and how many replicas it has, comes from the Serve config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from serve_app.bootstrap import open_services
+from serve_app.settings import Settings
+from stages.model import Envelope, Outcome
+from stages.pipeline import Pipeline
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
+class StageHost:
+    async def __init__(self, settings: dict[str, Any], stages: list[str]) -> None:
+        self.settings = Settings(**settings)
+        self.stage_names = set(stages)
+        self.services = await open_services(self.settings)
+        self._pipelines: dict[tuple[str, int, int, int], Pipeline] = {}
+
+    def _pipeline(self, type_name: str, route: int, start: int, stop: int) -> Pipeline:
+        key = (type_name, route, start, stop)
+        pipe = self._pipelines.get(key)
+        if pipe is None:
+            specs = self.services.resolver.spec(type_name).stages_for(route)[start:stop]
+            foreign = [s.name for s in specs if s.name not in self.stage_names]
+            if foreign:
+                raise ValueError(f"this host does not serve stages {foreign}")
+            ports = self.services.ports()
+            pipe = self._pipelines[key] = Pipeline(
+                [self.services.registry.build(s, ports) for s in specs]
+            )
+        return pipe
+
+    async def run(
+        self, type_name: str, route: int, start: int, stop: int, batch: list[Envelope]
+    ) -> list[Outcome]:
+        return await self._pipeline(type_name, route, start, stop).run(batch)
+
+    async def ping(self) -> bool:
+        await self.services.store.ping()
+        return True
+
+    async def check_health(self) -> None:
+        await self.services.store.ping()

@@ -1,0 +1,69 @@
+"""``build_app``: the Serve application graph, built once from settings.
+
+``serve run serve_app/config.yaml`` (or ``serve deploy``) calls ``build_app(args)`` with
+the config's ``args``; the deployments' replicas, autoscaling, ``max_ongoing_requests``
+and CPU shares are in that YAML too. ``args.topology`` chooses how stages map onto
+deployments:
+
+- ``fused`` (default): one ``chat`` deployment hosts every stage of the chat route;
+- ``split``: one deployment per stage, as the design card draws it;
+- or ``hosts: {stage_name: deployment_name, ...}`` for any other grouping.
+
+Stages not listed (``ack``) run inside the gateway, which holds the senders' sockets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.gateway import Gateway
+from deployments.stage_host import StageHost
+from serve_app.bootstrap import load_resolver
+from serve_app.settings import Settings
+
+GATEWAY_STAGES = {"ack"}
+TOPOLOGIES = ("fused", "split")
+
+
+def plan_hosts(settings: Settings, topology: str = "fused",
+               hosts: dict[str, str] | None = None) -> dict[str, str]:
+    """stage name -> deployment name, for every stage some pipeline uses."""
+    resolver = load_resolver(settings)
+    used = []
+    for t in resolver.types:
+        spec = resolver.spec(t)
+        for s in spec.stages + tuple(s for v in spec.variants for s in v.stages):
+            if s.name not in GATEWAY_STAGES and s.name not in used:
+                used.append(s.name)
+    if hosts:
+        unknown = set(hosts) - set(used)
+        if unknown:
+            raise ValueError(f"hosts names stages no pipeline uses: {sorted(unknown)}")
+        missing = [s for s in used if s not in hosts]
+        if missing:
+            raise ValueError(f"hosts does not place stages {missing}")
+        return dict(hosts)
+    if topology == "fused":
+        return {s: "chat" for s in used}
+    if topology == "split":
+        return {s: s for s in used}
+    raise ValueError(f"topology must be one of {TOPOLOGIES} (or give hosts)")
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    args = dict(args or {})
+    topology = args.pop("topology", "fused")
+    hosts_arg = args.pop("hosts", None)
+    settings = Settings(**args)
+    hosts = plan_hosts(settings, topology, hosts_arg)
+    settings_args = settings.to_args()
+    by_host: dict[str, list[str]] = {}
+    for stage, host in hosts.items():
+        by_host.setdefault(host, []).append(stage)
+    handles = {
+        host: StageHost.options(name=host).bind(settings_args, stages)
+        for host, stages in by_host.items()
+    }
+    return Gateway.bind(settings_args, hosts, handles)

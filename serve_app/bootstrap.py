@@ -1,0 +1,62 @@
+"""The composition root: the one place that picks adapters from settings.
+
+Every deployment calls :func:`open_services` in its constructor and gets the same ports,
+so a stage runs the same code in a unit test (with fakes), in one fused deployment, or
+spread across many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from adapters.postgres import CachedDirectory, PostgresStore, migrate, open_pool, resolve_dsn
+from cluster.hub import HubClient
+from serve_app.settings import Settings
+from stages.builtin import default_registry
+from stages.resolver import Resolver, StageRegistry
+
+PIPELINES_FILE = Path(__file__).with_name("pipelines.yaml")
+
+
+def load_resolver(settings: Settings, registry: StageRegistry | None = None) -> Resolver:
+    path = settings.pipelines_file or PIPELINES_FILE
+    return Resolver.from_yaml(Path(path), registry or default_registry())
+
+
+@dataclass
+class Services:
+    settings: Settings
+    pool: asyncpg.Pool
+    store: PostgresStore
+    directory: CachedDirectory
+    hub: HubClient
+    registry: StageRegistry
+    resolver: Resolver
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def ports(self, **more: Any) -> dict[str, Any]:
+        return {"store": self.store, "directory": self.directory, "hub": self.hub, **self.extra, **more}
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+async def open_services(settings: Settings) -> Services:
+    dsn = await resolve_dsn(settings.database_url, settings.data_dir)
+    pool = await open_pool(dsn, settings.db_pool_min, settings.db_pool_max)
+    await migrate(pool)
+    store = PostgresStore(pool)
+    registry = default_registry()
+    return Services(
+        settings=settings,
+        pool=pool,
+        store=store,
+        directory=CachedDirectory(store, settings.membership_cache_s),
+        hub=HubClient(settings.hub_shards, settings.gateway_ttl_s),
+        registry=registry,
+        resolver=load_resolver(settings, registry),
+    )

@@ -1,0 +1,122 @@
+"""The one settings object. Every knob an operator turns is a field here.
+
+Values come, in order of precedence, from: keyword arguments (the Serve config's
+``args``), environment variables (``CONVEYOR_<FIELD>``, plus the conventional
+``DATABASE_URL``, ``REDIS_URL`` and ``KAFKA_BOOTSTRAP``), then the defaults below, which
+are the embedded defaults: no external service is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "conveyor"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="forbid", populate_by_name=True)
+
+    # --- where state lives -------------------------------------------------------------
+    data_dir: Path = Field(default_factory=_default_data_dir, description=(
+        "Embedded PostgreSQL data, the dev signing key, local objects and .eml files."))
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "CONVEYOR_DATABASE_URL", "database_url"),
+        description="PostgreSQL DSN. Unset: an embedded PostgreSQL under data_dir is started.")
+    db_pool_min: int = 1
+    db_pool_max: int = Field(default=4, description="asyncpg pool size per replica.")
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "CONVEYOR_REDIS_URL", "redis_url"))
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP", "CONVEYOR_KAFKA_BOOTSTRAP", "kafka_bootstrap"))
+
+    # --- pipelines ---------------------------------------------------------------------
+    pipelines_file: Path | None = Field(
+        default=None, description="pipelines.yaml; unset: the one shipped in serve_app/.")
+
+    # --- authentication ----------------------------------------------------------------
+    jwks_url: str | None = Field(default=None, description=(
+        "Keycloak (or any OIDC) JWKS URL. Unset: a dev RS256 key under data_dir signs and "
+        "verifies tokens (`conveyor token USER`)."))
+    jwt_issuer: str = "conveyor-dev"
+    jwt_audience: str | None = Field(default="conveyor", description=(
+        "Accepted `aud` (or `azp`) value; unset: audience is not checked."))
+    jwt_client_id: str = Field(default="conveyor", description=(
+        "Client whose roles are read from resource_access.<client>.roles."))
+    jwt_leeway_s: float = 10.0
+    jwks_cache_s: float = 300.0
+    notifications_role: str | None = Field(default="notifications:send", description=(
+        "Role required for POST /v1/notifications; unset: any valid token."))
+    dev_token_ttl_s: int = 24 * 3600
+
+    # --- gateway / messenger -----------------------------------------------------------
+    max_frame_bytes: int = Field(default=64 * 1024, description="Larger frames get `too_large`.")
+    max_body_chars: int = Field(default=4000, description="Longest chat body accepted.")
+    batch_wait_ms: float = Field(default=3.0, description=(
+        "How long a gateway collects frames of one type before sending them down as one batch."))
+    batch_max: int = Field(default=256, description="Most items in one gateway batch.")
+    inbound_buffer: int = Field(default=2048, description=(
+        "Bounded inbound buffer per gateway replica and message type."))
+    connection_queue: int = Field(default=1024, description=(
+        "Outbound frames queued per connection before live delivery falls back to catch-up."))
+    redelivery_base_s: float = Field(default=2.0, description=(
+        "First redelivery after this long without a receipt; doubles each time."))
+    redelivery_max_s: float = 60.0
+    hub_shards: int = Field(default=1, description="Connection hub actors (users are hashed).")
+    hub_pull_wait_s: float = 1.0
+    gateway_ttl_s: float = Field(default=15.0, description=(
+        "A gateway replica that has not pulled from the hub for this long is considered dead; "
+        "its connections are dropped from presence."))
+    outbox_grace_s: float = Field(default=5.0, description=(
+        "An outbox entry older than this was not delivered by the fast path; the relay takes it."))
+    relay_interval_s: float = 1.0
+    relay_batch: int = 500
+    membership_cache_s: float = 5.0
+    stage_call_timeout_s: float = 30.0
+
+    # --- notifications -----------------------------------------------------------------
+    smtp_host: str | None = Field(default=None, description=(
+        "SMTP server. Unset: e-mails are written as .eml files to mail_dir."))
+    smtp_port: int = 25
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    smtp_use_tls: bool = False
+    smtp_timeout_s: float = 10.0
+    smtp_pool_size: int = 2
+    mail_from: str = "conveyor@localhost"
+    mail_subject: str = "Уведомление"
+    mail_dir: Path | None = Field(default=None, description="Default: data_dir/mail.")
+    bitrix_webhook_url: str | None = Field(default=None, description=(
+        "Bitrix24 incoming webhook base URL, e.g. https://portal.bitrix24.ru/rest/1/secret/ ; "
+        "unset: the bitrix channel is unavailable."))
+    bitrix_rate_per_s: float = 2.0
+    bitrix_burst: int = 2
+    bitrix_timeout_s: float = 10.0
+    notification_flush_interval_s: float = Field(default=5.0, description=(
+        "Queued (isImmediate=false) notifications are sent in batches this often."))
+    notification_batch_size: int = 100
+    notification_max_attempts: int = 5
+    notification_retry_base_s: float = 1.0
+    notification_retry_max_s: float = 60.0
+    breaker_failures: int = Field(default=5, description="Failures in a row that open a channel's breaker.")
+    breaker_reset_s: float = 30.0
+    request_timeout_s: float = Field(default=10.0, description="HTTP requests over this get 504.")
+    max_request_bytes: int = 1024 * 1024
+    idempotency_ttl_s: int = 24 * 3600
+
+    # --- derived ------------------------------------------------------------------------
+    @property
+    def mail_path(self) -> Path:
+        return self.mail_dir or self.data_dir / "mail"
+
+    def to_args(self) -> dict[str, Any]:
+        """A plain dict that rebuilds these settings inside another process."""
+        return self.model_dump(mode="json", by_alias=False)

@@ -1,0 +1,187 @@
+"""Stages of the chat route: validate → persist (outbox) → ack → deliver; receipts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from stages.model import Envelope, Outcome
+from stages.ports import AckSink, ChatDraft, DeliveryHub, Directory, MessageStore, Receipt
+
+MAX_ID_CHARS = 128
+
+
+def _text(fields: Mapping[str, Any], key: str, *, max_chars: int, allow_empty: bool = False) -> str:
+    value = fields.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string")
+    if not value and not allow_empty:
+        raise ValueError(f"'{key}' must not be empty")
+    if len(value) > max_chars:
+        raise ValueError(f"'{key}' is longer than {max_chars} characters")
+    return value
+
+
+class ValidateChat:
+    """Format and rights: a chatId the sender is a member of, a non-empty body."""
+
+    name = "validate_chat"
+
+    def __init__(self, directory: Directory, max_body_chars: int = 4000) -> None:
+        self.directory = directory
+        self.max_body_chars = max_body_chars
+
+    async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
+        shaped: list[Outcome] = []
+        for env in batch:
+            try:
+                _text(env.fields, "chatId", max_chars=MAX_ID_CHARS)
+                _text(env.fields, "body", max_chars=self.max_body_chars)
+            except ValueError as exc:
+                shaped.append(Outcome.reject(env, "invalid", str(exc)))
+                continue
+            shaped.append(Outcome.ok(env))
+        chat_ids = sorted({o.envelope.fields["chatId"] for o in shaped if not o.settled})
+        members = await self.directory.members(chat_ids) if chat_ids else {}
+        out: list[Outcome] = []
+        for o in shaped:
+            if o.settled:
+                out.append(o)
+                continue
+            env = o.envelope
+            chat = members.get(env.fields["chatId"])
+            if chat is None:
+                out.append(Outcome.reject(env, "not_found", "no such chat"))
+            elif env.sender not in chat:
+                out.append(Outcome.reject(env, "forbidden", "not a member of this chat"))
+            else:
+                env.meta["members"] = sorted(chat)
+                out.append(Outcome.ok(env))
+        return out
+
+
+class PersistChat:
+    """Stores the batch in one transaction with its outbox entries; marks duplicates."""
+
+    name = "persist_chat"
+
+    def __init__(self, store: MessageStore) -> None:
+        self.store = store
+
+    async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
+        drafts = [
+            ChatDraft(
+                chat_id=e.fields["chatId"],
+                sender_id=e.sender,
+                client_id=e.id,
+                body=e.fields.get("body", ""),
+                kind=e.meta.get("kind", "text"),
+                attachment=e.meta.get("attachment"),
+            )
+            for e in batch
+        ]
+        stored = await self.store.persist(drafts)
+        out: list[Outcome] = []
+        for env, s in zip(batch, stored, strict=True):
+            env.meta.update(
+                messageId=s.message_id,
+                chatId=s.chat_id,
+                seq=s.seq,
+                createdAt=s.created_at,
+                duplicate=s.duplicate,
+                outboxId=s.outbox_id,
+            )
+            out.append(Outcome.ok(env))
+        return out
+
+
+class Ack:
+    """Tells each sender its message is accepted (or a duplicate). Marks the point in a
+    pipeline after which the sender has been answered."""
+
+    name = "ack"
+
+    def __init__(self, acks: AckSink) -> None:
+        self.acks = acks
+
+    async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
+        await self.acks.acknowledge(batch)
+        return [Outcome.ok(e) for e in batch]
+
+
+def message_frame(env: Envelope) -> dict[str, Any]:
+    frame: dict[str, Any] = {
+        "type": "message",
+        "messageId": env.meta["messageId"],
+        "chatId": env.meta["chatId"],
+        "seq": env.meta["seq"],
+        "senderId": env.sender,
+        "kind": env.meta.get("kind", "text"),
+        "body": env.fields.get("body", ""),
+        "createdAt": env.meta["createdAt"],
+    }
+    if env.meta.get("attachment") is not None:
+        frame["attachment"] = env.meta["attachment"]
+    return frame
+
+
+class DeliverChat:
+    """Hands new messages to the hub for every member's live connections, then clears
+    their outbox entries. Members without a connection get them on reconnect; a crash
+    before ``outbox_done`` leaves the entries for the relay (at-least-once)."""
+
+    name = "deliver_chat"
+
+    def __init__(self, hub: DeliveryHub, store: MessageStore) -> None:
+        self.hub = hub
+        self.store = store
+
+    async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
+        deliveries: list[tuple[Sequence[str], dict[str, Any]]] = []
+        outbox_ids: set[int] = set()
+        for env in batch:
+            if env.meta.get("duplicate"):
+                continue
+            frame = message_frame(env)
+            # The origin connection already has its ack; the gateway skips it there.
+            frame["_origin"] = env.connection
+            deliveries.append((env.meta.get("members") or [env.sender], frame))
+            if env.meta.get("outboxId") is not None:
+                outbox_ids.add(int(env.meta["outboxId"]))
+        if deliveries:
+            await self.hub.publish(deliveries)
+        if outbox_ids:
+            await self.store.outbox_done(sorted(outbox_ids))
+        return [Outcome.done(e) for e in batch]
+
+
+class ApplyReceipts:
+    """Receiver ACKs: move each member's delivered/read pointer forward (cumulative)."""
+
+    name = "apply_receipts"
+
+    def __init__(self, store: MessageStore) -> None:
+        self.store = store
+
+    async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
+        receipts: list[Receipt] = []
+        out: list[Outcome] = []
+        for env in batch:
+            ids = env.fields.get("messageIds")
+            status = env.fields.get("status", "delivered")
+            if (
+                not isinstance(ids, list)
+                or not ids
+                or len(ids) > 1000
+                or not all(isinstance(i, str) and 0 < len(i) <= MAX_ID_CHARS for i in ids)
+            ):
+                out.append(Outcome.reject(env, "invalid", "'messageIds' must be 1..1000 ids"))
+                continue
+            if status not in ("delivered", "read"):
+                out.append(Outcome.reject(env, "invalid", "'status' must be delivered or read"))
+                continue
+            receipts.extend(Receipt(env.sender, i, status) for i in ids)
+            out.append(Outcome.done(env))
+        if receipts:
+            await self.store.apply_receipts(receipts)
+        return out

@@ -1,0 +1,148 @@
+"""Ports: what the domain needs from the outside world, and what each one guarantees.
+
+Adapters in ``adapters/`` and ``cluster/`` implement these; stages receive them as
+arguments. Every port states its delivery semantics; the adapter tests check that text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ChatDraft:
+    """A chat message to persist: validated, not yet numbered."""
+
+    chat_id: str
+    sender_id: str
+    client_id: str
+    body: str
+    kind: str = "text"
+    attachment: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The result of persisting one ChatDraft."""
+
+    message_id: str
+    chat_id: str
+    seq: int
+    created_at: str
+    duplicate: bool
+    outbox_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    message_id: str
+    chat_id: str
+    seq: int
+    sender_id: str
+    kind: str
+    body: str | None
+    created_at: str
+    attachment: dict[str, Any] | None = None
+    edited_at: str | None = None
+    deleted: bool = False
+    reactions: dict[str, int] = field(default_factory=dict)
+
+    def frame(self) -> dict[str, Any]:
+        """The PROTOCOL.md ``message`` frame for this message."""
+        out: dict[str, Any] = {
+            "type": "message",
+            "messageId": self.message_id,
+            "chatId": self.chat_id,
+            "seq": self.seq,
+            "senderId": self.sender_id,
+            "kind": self.kind,
+            "body": None if self.deleted else self.body,
+            "createdAt": self.created_at,
+        }
+        if self.attachment is not None:
+            out["attachment"] = self.attachment
+        if self.edited_at:
+            out["editedAt"] = self.edited_at
+        if self.deleted:
+            out["deleted"] = True
+        if self.reactions:
+            out["reactions"] = self.reactions
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    user_id: str
+    message_id: str
+    status: str  # "delivered" | "read"
+
+
+@dataclass(frozen=True, slots=True)
+class Pointer:
+    """A member's position in a chat: everything up to ``delivered_seq`` was received."""
+
+    chat_id: str
+    delivered_seq: int
+    read_seq: int
+    last_seq: int
+
+
+class Directory(Protocol):
+    """Who belongs to which chat.
+
+    Membership read here may be up to a cache interval old; the store's transaction is
+    not consulted again, so a member removed a moment ago may still post once.
+    """
+
+    async def members(self, chat_ids: Sequence[str]) -> Mapping[str, frozenset[str]]:
+        """Members per known chat id; unknown chats are absent from the result."""
+        ...
+
+
+class MessageStore(Protocol):
+    """Durable chat storage with an outbox.
+
+    - ``persist`` is atomic per batch: every draft is stored, numbered and given an
+      outbox entry, or none is. ``seq`` is per chat, gap-free and strictly increasing.
+    - Idempotent on (sender_id, client_id): a draft seen before is not stored again; its
+      Stored has ``duplicate=True`` and the original message id and seq.
+    - Outbox entries stay until ``outbox_done`` removes them; ``claim_outbox`` hands
+      entries older than a grace period to one caller at a time (at-least-once).
+    """
+
+    async def persist(self, drafts: Sequence[ChatDraft]) -> list[Stored]: ...
+
+    async def outbox_done(self, outbox_ids: Sequence[int]) -> None: ...
+
+    async def messages_after(
+        self, chat_id: str, after_seq: int, limit: int
+    ) -> list[StoredMessage]:
+        """Messages of a chat with seq > after_seq, in seq order, at most ``limit``."""
+        ...
+
+    async def apply_receipts(self, receipts: Sequence[Receipt]) -> int:
+        """Advance members' delivered/read pointers. Receipts are cumulative per chat:
+        a receipt for seq N acknowledges every message up to N. Pointers never move back.
+        Receipts for unknown messages or non-members are ignored. Returns rows updated."""
+        ...
+
+
+class DeliveryHub(Protocol):
+    """Routes frames to the gateway replicas holding the recipients' sockets.
+
+    At-most-once and best-effort: a frame for a user with no live connection is not
+    kept. Durable types therefore rely on the store (replay on reconnect, redelivery)
+    and use the hub only as the fast path.
+    """
+
+    async def publish(self, deliveries: Sequence[tuple[Sequence[str], dict[str, Any]]]) -> None:
+        """Each item: (recipient user ids, frame)."""
+        ...
+
+
+class AckSink(Protocol):
+    """Sends ``ack`` frames to senders. Best-effort: a sender gone is skipped."""
+
+    async def acknowledge(self, batch: Sequence[Any]) -> None: ...
