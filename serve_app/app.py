@@ -5,7 +5,7 @@ the config's ``args``; the deployments' replicas, autoscaling, ``max_ongoing_req
 and CPU shares are in that YAML too. ``args.topology`` chooses how stages map onto
 deployments:
 
-- ``fused`` (default): one ``chat`` deployment hosts every stage of the chat route;
+- ``fused`` (default): one ``stages`` deployment hosts every stage of every pipeline;
 - ``split``: one deployment per stage, as the design card draws it;
 - or ``hosts: {stage_name: deployment_name, ...}`` for any other grouping.
 
@@ -46,14 +46,18 @@ def plan_hosts(settings: Settings, topology: str = "fused",
             raise ValueError(f"hosts does not place stages {missing}")
         return dict(hosts)
     if topology == "fused":
-        return {s: "chat" for s in used}
+        return {s: "stages" for s in used}
     if topology == "split":
         return {s: s for s in used}
     raise ValueError(f"topology must be one of {TOPOLOGIES} (or give hosts)")
 
 
-def build_app(args: dict[str, Any] | None = None) -> Application:
+def build_app(args: dict[str, Any] | None = None,
+              options: dict[str, dict[str, Any]] | None = None) -> Application:
+    """``options``: per-deployment ``.options()`` overrides by deployment name, for code
+    that builds the app without a Serve config (tests, notebooks)."""
     args = dict(args or {})
+    options = options or {}
     topology = args.pop("topology", "fused")
     hosts_arg = args.pop("hosts", None)
     settings = Settings(**args)
@@ -63,7 +67,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     for stage, host in hosts.items():
         by_host.setdefault(host, []).append(stage)
     handles = {
-        host: StageHost.options(name=host).bind(settings_args, stages)
+        host: StageHost.options(name=host, **options.get(host, {})).bind(settings_args, stages)
         for host, stages in by_host.items()
     }
-    return Gateway.bind(settings_args, hosts, handles)
+    return Gateway.options(**options.get("Gateway", {})).bind(settings_args, hosts, handles)

