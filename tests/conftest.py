@@ -104,7 +104,7 @@ def conveyor(new_database: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     port = free_port()
     settings = {**E2E_SETTINGS, "data_dir": str(data_dir), "database_url": dsn,
                 "mail_dir": str(data_dir / "mail")}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cpu = {"ray_actor_options": {"num_cpus": 0.1}}
     serve.run(
