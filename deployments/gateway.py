@@ -404,7 +404,7 @@ class Gateway:
         await asyncio.gather(
             check("database", self.store.ping()),
             check("hub", self.hub.stats()),
-            *(check(f"stage:{name}", h.ping.remote()) for name, h in self.handles.items()),
+            *(check(f"deployment:{name}", h.ping.remote()) for name, h in self.handles.items()),
         )
         ok = all(c["status"] == "up" for c in checks.values())
         return json_response({"status": "ready" if ok else "unavailable", "checks": checks},

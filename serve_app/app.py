@@ -19,6 +19,7 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.gateway import Gateway
+from deployments.relay import OutboxRelay
 from deployments.stage_host import StageHost
 from serve_app.bootstrap import load_resolver
 from serve_app.settings import Settings
@@ -70,4 +71,5 @@ def build_app(args: dict[str, Any] | None = None,
         host: StageHost.options(name=host, **options.get(host, {})).bind(settings_args, stages)
         for host, stages in by_host.items()
     }
+    handles["relay"] = OutboxRelay.options(**options.get("OutboxRelay", {})).bind(settings_args)
     return Gateway.options(**options.get("Gateway", {})).bind(settings_args, hosts, handles)

@@ -238,3 +238,29 @@ async def test_health_endpoints(conveyor: App) -> None:
         r = await http.get("/health/ready")
         assert r.status_code == 200, r.text
         assert r.json()["checks"]["database"]["status"] == "up"
+
+
+async def test_outbox_relay_delivers_what_the_fast_path_left_behind(
+    conveyor: App, app_db: Any
+) -> None:
+    """A batch committed but never handed to the hub (its replica died in between)."""
+    alice, bob = user(), user()
+    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
+    b = await connect(conveyor, bob)
+    async with app_db.transaction():
+        await app_db.execute("UPDATE chats SET last_seq = 1 WHERE id = $1", chat)
+        await app_db.execute(
+            "INSERT INTO messages(chat_id, seq, id, sender_id, client_id, body, created_at)"
+            " VALUES ($1, 1, $2, $3, 'orphan', 'from the outbox', now())",
+            chat, f"orphan-{chat}", alice)
+        await app_db.execute(
+            "INSERT INTO outbox(chat_id, from_seq, to_seq, created_at, available_at)"
+            " VALUES ($1, 1, 1, now() - interval '1 minute', now() - interval '1 minute')", chat)
+    msg = await b.message(messageId=f"orphan-{chat}", timeout=15)
+    assert msg["body"] == "from the outbox" and msg["seq"] == 1
+    for _ in range(50):
+        if await app_db.fetchval("SELECT count(*) FROM outbox WHERE chat_id=$1", chat) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await app_db.fetchval("SELECT count(*) FROM outbox WHERE chat_id=$1", chat) == 0
+    await b.close()

@@ -1,0 +1,86 @@
+"""The outbox relay: delivers what the fast path left behind.
+
+The delivery stage removes a batch's outbox entries once it has handed the messages to
+the hub. Entries still there after ``outbox_grace_s`` belong to a batch whose delivery
+never ran (a replica died between commit and hand-off): the relay leases them, publishes
+their messages to the members' live connections, and removes them. Its pace follows the
+feedback loop (``stages/feedback.py``): it slows down and pauses when the hub's mailboxes
+back up or publishing is slow, and speeds up again by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ray import serve
+
+from serve_app.bootstrap import open_services
+from serve_app.settings import Settings
+from stages.feedback import PaceConfig, Pacer
+
+log = logging.getLogger("conveyor.relay")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.05}, num_replicas=1)
+class OutboxRelay:
+    async def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = Settings(**settings)
+        self.services = await open_services(self.settings)
+        self.pacer = Pacer(PaceConfig(
+            min_interval_s=self.settings.relay_interval_s,
+            max_interval_s=max(self.settings.relay_interval_s * 20, 5.0),
+            max_batch=self.settings.relay_batch,
+        ))
+        self.relayed = 0
+        self.rounds = 0
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.pacer.interval_s)
+            try:
+                await self.round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("relay round failed")
+                self.pacer.observe(latency_s=0.0, backlog=0, refused=True)
+
+    async def round(self) -> int:
+        """One lease-publish-remove round; returns how many messages were relayed."""
+        self.rounds += 1
+        backlog = sum(s["mailbox_depth"] for s in await self.services.hub.stats())
+        if self.pacer.paused and backlog >= self.pacer.config.saturated_backlog:
+            self.pacer.observe(latency_s=0.0, backlog=backlog)
+            return 0
+        claimed = await self.services.store.claim_outbox(self.settings.outbox_grace_s,
+                                                         self.pacer.batch)
+        t0 = time.monotonic()
+        count = 0
+        if claimed:
+            chats = sorted({m.chat_id for _, msgs in claimed for m in msgs})
+            members = await self.services.directory.members(chats)
+            deliveries = [
+                (sorted(members.get(m.chat_id, ())), m.frame())
+                for _, msgs in claimed for m in msgs
+            ]
+            await self.services.hub.publish(deliveries)
+            await self.services.store.outbox_done([oid for oid, _ in claimed])
+            count = len(deliveries)
+            self.relayed += count
+            log.info("relayed %d messages from %d outbox entries", count, len(claimed))
+        self.pacer.observe(latency_s=time.monotonic() - t0, backlog=backlog)
+        return count
+
+    async def stats(self) -> dict[str, Any]:
+        pending, age = await self.services.store.outbox_stats()
+        return {"relayed": self.relayed, "rounds": self.rounds, "pending": pending,
+                "oldestAgeS": age, "pace": self.pacer.state, "batch": self.pacer.batch,
+                "intervalS": self.pacer.interval_s}
+
+    async def ping(self) -> bool:
+        await self.services.store.ping()
+        return True
