@@ -161,6 +161,16 @@ class PostgresStore:
         )
         return {r["chat_id"]: frozenset(r["users"]) for r in rows}
 
+    async def contacts(self, user_ids: Sequence[str]) -> dict[str, frozenset[str]]:
+        """Everyone sharing at least one chat with each user (``Contacts`` port)."""
+        rows = await self.pool.fetch(
+            "SELECT a.user_id AS who, array_agg(DISTINCT b.user_id) AS peers"
+            " FROM chat_members a JOIN chat_members b ON a.chat_id = b.chat_id"
+            " WHERE a.user_id = ANY($1::text[]) GROUP BY a.user_id",
+            list(user_ids),
+        )
+        return {r["who"]: frozenset(r["peers"]) for r in rows}
+
     async def pointers(self, user_id: str, chat_id: str | None = None) -> list[Pointer]:
         rows = await self.pool.fetch(
             "SELECT cm.chat_id, cm.delivered_seq, cm.read_seq, c.last_seq"

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -69,6 +69,22 @@ class GatewayAcks:
             conn.send(frame)
 
 
+class GatewayNotices:
+    """``Notices``: system frames to a connection on this replica."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def notify(self, connection: str | None, event: str, data: Mapping[str, Any]) -> None:
+        conn = self.gateway.connections.get(connection or "")
+        if conn is not None:
+            conn.send({"type": "system", "event": event, "data": dict(data)})
+
+
+def rfc3339_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=1000)
 @serve.ingress()
 class Gateway:
@@ -88,8 +104,11 @@ class Gateway:
         self.handles = handles
         self.runner = PipelineRunner(
             self.services.resolver, self.services.registry, hosts, handles,
-            local_ports={**self.services.ports(), "acks": GatewayAcks(self)},
+            local_ports={**self.services.ports(), "acks": GatewayAcks(self),
+                         "notices": GatewayNotices(self)},
         )
+        self.costs = {t: self.settings.credit_costs.get(t, self.services.resolver.spec(t).cost)
+                      for t in self.services.resolver.types}
         self.batchers: dict[str, TypeBatcher] = {}
         for type_name in self.services.resolver.types:
             spec = self.services.resolver.spec(type_name)
@@ -147,7 +166,8 @@ class Gateway:
         self.connections[conn.id] = conn
         self.by_user.setdefault(conn.user_id, set()).add(conn)
         try:
-            await self.hub.attach(self.replica_id, [(conn.id, conn.user_id)])
+            for who in await self.hub.attach(self.replica_id, [(conn.id, conn.user_id)]):
+                self._presence(who, True)
             conn.send({"type": "system", "event": "connected",
                        "data": {"userId": conn.user_id, "connectionId": conn.id,
                                 "gateway": self.replica_id}})
@@ -164,7 +184,10 @@ class Gateway:
                 if not peers:
                     del self.by_user[conn.user_id]
             await conn.stop()
-            await guarded(self.hub.detach(self.replica_id, [(conn.id, conn.user_id)]), "hub detach")
+            gone = await guarded(self.hub.detach(self.replica_id, [(conn.id, conn.user_id)]),
+                                 "hub detach")
+            for who in gone or ():
+                self._presence(who, False)
 
     async def _read_loop(self, conn: Connection) -> None:
         while not conn.closed:
@@ -205,6 +228,8 @@ class Gateway:
             conn.send({"type": "pong"})
             return
         batcher = self.batchers.get(ftype)
+        if batcher is not None and not batcher.spec.client:
+            batcher = None
         if batcher is None and ftype not in LOCAL_TYPES:
             raise FrameError("unknown_type", f"unknown frame type {ftype!r}", frame_id)
         if ftype != "receipt" and (frame_id is None or not 0 < len(frame_id) <= MAX_CLIENT_ID):
@@ -218,10 +243,13 @@ class Gateway:
             conn.on_receipt([m for m in frame["messageIds"] if isinstance(m, str)])
         fields = {k: v for k, v in frame.items() if k not in ("type", "id")}
         env = Envelope(type=ftype, id=frame_id or "", sender=conn.user_id, connection=conn.id,
-                       gateway=self.replica_id, fields=fields)
+                       gateway=self.replica_id, fields=fields, meta={"cost": self.costs[ftype]})
         if batcher.spec.overflow == "drop":
             if not batcher.offer(env):
                 self._dropped(env, "buffer_full")
+                conn.send({"type": "ack", "id": env.id, "status": "rejected",
+                           "error": {"code": "overloaded",
+                                     "message": f"{ftype} dropped: the server is overloaded"}})
             return
         if not batcher.offer(env):
             # Durable: never dropped. Tell the client once, then stop reading this socket
@@ -243,6 +271,16 @@ class Gateway:
             raise FrameError(exc.code, exc.message, frame.get("id")) from None
         conn.send({"type": "sync", "id": frame["id"], "chatId": chat_id,
                    "messages": messages, "hasMore": has_more})
+
+    def _presence(self, user_id: str, online: bool) -> None:
+        batcher = self.batchers.get("presence")
+        if batcher is None:
+            return
+        env = Envelope(type="presence", id=f"p-{time.time_ns()}", sender=user_id,
+                       gateway=self.replica_id,
+                       fields={"online": online, "lastSeen": rfc3339_now()})
+        if not batcher.offer(env):
+            self._dropped(env, "buffer_full")
 
     def _implicit_receipt(self, user_id: str, message_id: str) -> None:
         env = Envelope(type="receipt", id="", sender=user_id,

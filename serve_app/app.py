@@ -24,7 +24,8 @@ from deployments.stage_host import StageHost
 from serve_app.bootstrap import load_resolver
 from serve_app.settings import Settings
 
-GATEWAY_STAGES = {"ack"}
+# Stages that run inside the gateway: they answer the sender or guard the entrance.
+GATEWAY_STAGES = {"ack", "debit_credits"}
 TOPOLOGIES = ("fused", "split")
 
 
@@ -53,10 +54,15 @@ def plan_hosts(settings: Settings, topology: str = "fused",
     raise ValueError(f"topology must be one of {TOPOLOGIES} (or give hosts)")
 
 
-def build_app(args: dict[str, Any] | None = None,
-              options: dict[str, dict[str, Any]] | None = None) -> Application:
+def build_app(args: dict[str, Any]) -> Application:
+    """The application builder ``serve run`` / ``serve deploy`` call (one argument)."""
+    return build_graph(args)
+
+
+def build_graph(args: dict[str, Any] | None = None,
+                options: dict[str, dict[str, Any]] | None = None) -> Application:
     """``options``: per-deployment ``.options()`` overrides by deployment name, for code
-    that builds the app without a Serve config (tests, notebooks)."""
+    that builds the app without a Serve config (tests, notebooks, benchmarks)."""
     args = dict(args or {})
     options = options or {}
     topology = args.pop("topology", "fused")

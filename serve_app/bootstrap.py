@@ -14,6 +14,8 @@ from typing import Any
 import asyncpg
 
 from adapters.postgres import CachedDirectory, PostgresStore, migrate, open_pool, resolve_dsn
+from cluster.credits import CreditBankClient
+from cluster.dedup import DedupClient
 from cluster.hub import HubClient
 from serve_app.settings import Settings
 from stages.builtin import default_registry
@@ -34,12 +36,15 @@ class Services:
     store: PostgresStore
     directory: CachedDirectory
     hub: HubClient
+    credits: CreditBankClient
+    dedup: DedupClient
     registry: StageRegistry
     resolver: Resolver
     extra: dict[str, Any] = field(default_factory=dict)
 
     def ports(self, **more: Any) -> dict[str, Any]:
-        return {"store": self.store, "directory": self.directory, "hub": self.hub, **self.extra, **more}
+        return {"store": self.store, "directory": self.directory, "contacts": self.store,
+                "hub": self.hub, "credits": self.credits, "dedup": self.dedup, **self.extra, **more}
 
     async def close(self) -> None:
         await self.pool.close()
@@ -57,6 +62,9 @@ async def open_services(settings: Settings) -> Services:
         store=store,
         directory=CachedDirectory(store, settings.membership_cache_s),
         hub=HubClient(settings.hub_shards, settings.gateway_ttl_s),
+        credits=CreditBankClient(settings.credit_shards, settings.credit_capacity,
+                                 settings.credit_refill, settings.credit_interval_s),
+        dedup=DedupClient(settings.dedup_shards, settings.signal_dedup_ttl_s),
         registry=registry,
         resolver=load_resolver(settings, registry),
     )

@@ -79,6 +79,18 @@ class Settings(BaseSettings):
     relay_interval_s: float = 1.0
     relay_batch: int = 500
     membership_cache_s: float = 5.0
+
+    # --- load management -----------------------------------------------------------------
+    credit_capacity: int = Field(default=100, description="Credits a user's bucket holds.")
+    credit_refill: int = Field(default=100, description="Credits returned every interval.")
+    credit_interval_s: float = Field(default=10.0, description="Refill interval.")
+    credit_low_water: int = Field(default=10, description="Below this a credits_low frame is sent.")
+    credit_costs: dict[str, int] = Field(default_factory=dict, description=(
+        "Cost per message type, overriding pipelines.yaml (e.g. {\"chat\": 1, \"signal\": 0})."))
+    credit_shards: int = 1
+    dedup_shards: int = 1
+    signal_dedup_ttl_s: float = Field(default=60.0, description="How long a signal id is remembered.")
+    metrics_push_s: float = Field(default=2.0, description="How often processes push metrics.")
     stage_call_timeout_s: float = 30.0
 
     # --- notifications -----------------------------------------------------------------

@@ -6,7 +6,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from stages.chat import Ack, ApplyReceipts, DeliverChat, PersistChat, ValidateChat
+from stages.load import DebitCredits
+from stages.presence import FanoutPresence
 from stages.resolver import ConfigError, StageRegistry
+from stages.signals import DedupSignal, ForwardSignal, ValidateSignal
 
 
 def _port(ports: Mapping[str, Any], name: str, stage: str) -> Any:
@@ -31,4 +34,18 @@ def default_registry() -> StageRegistry:
         lambda o, p: DeliverChat(_port(p, "hub", "deliver_chat"), _port(p, "store", "deliver_chat")),
     )
     reg.register("apply_receipts", lambda o, p: ApplyReceipts(_port(p, "store", "apply_receipts")))
+    reg.register(
+        "debit_credits",
+        lambda o, p: DebitCredits(_port(p, "credits", "debit_credits"),
+                                  _port(p, "notices", "debit_credits"), int(o.get("low_water", 5))),
+    )
+    reg.register("validate_signal",
+                 lambda o, p: ValidateSignal(int(o.get("max_payload_bytes", 16_384))))
+    reg.register("dedup_signal", lambda o, p: DedupSignal(_port(p, "dedup", "dedup_signal")))
+    reg.register("forward_signal", lambda o, p: ForwardSignal(_port(p, "hub", "forward_signal")))
+    reg.register(
+        "fanout_presence",
+        lambda o, p: FanoutPresence(_port(p, "contacts", "fanout_presence"),
+                                    _port(p, "hub", "fanout_presence")),
+    )
     return reg

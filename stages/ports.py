@@ -146,3 +146,49 @@ class AckSink(Protocol):
     """Sends ``ack`` frames to senders. Best-effort: a sender gone is skipped."""
 
     async def acknowledge(self, batch: Sequence[Any]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Debit:
+    """The answer to one debit request."""
+
+    granted: bool
+    remaining: int
+    retry_after: float  # seconds until enough credits are back (0 when granted)
+
+
+class CreditBank(Protocol):
+    """Per-user token buckets shared by every gateway replica.
+
+    ``debit`` is atomic per request: a request is granted in full or not at all, in the
+    order given. Buckets live in memory of sharded actors: if a shard is lost its users'
+    buckets start full again (the bank errs towards letting people talk). When the bank
+    cannot be reached the caller decides (the credits stage lets messages through).
+    """
+
+    async def debit(self, requests: Sequence[tuple[str, int]]) -> list[Debit]: ...
+
+
+class DedupWindow(Protocol):
+    """Short-lived memory of keys seen, for types that are never stored.
+
+    ``first_seen`` marks every key and answers, per key, whether this was its first
+    sighting within the window (``ttl_s``). Keys in one call are checked in order, so a key
+    repeated in the same batch is a duplicate the second time. Losing a shard forgets its
+    keys: a signal resent after that is forwarded again (at-least-once, never lost).
+    """
+
+    async def first_seen(self, keys: Sequence[str]) -> list[bool]: ...
+
+
+class Notices(Protocol):
+    """Server-generated ``system`` frames to a sender's connection: no ack, never stored,
+    best-effort (a connection gone is skipped)."""
+
+    def notify(self, connection: str | None, event: str, data: Mapping[str, Any]) -> None: ...
+
+
+class Contacts(Protocol):
+    """Who should hear about a user's presence: everyone sharing a chat with them."""
+
+    async def contacts(self, user_ids: Sequence[str]) -> Mapping[str, frozenset[str]]: ...

@@ -50,6 +50,7 @@ class TypeSpec:
     stages: tuple[StageSpec, ...]
     variants: tuple[Variant, ...] = ()
     cost: int = 1  # credits one message of this type costs
+    client: bool = True  # False: only the server creates this type (clients get unknown_type)
 
     def route(self, envelope: Envelope) -> int:
         """Index of the first matching variant, or -1 for the default stage list."""
@@ -156,6 +157,7 @@ class Resolver:
                 stages=_stage_list(raw.get("stages"), where),
                 variants=tuple(variants),
                 cost=cost,
+                client=bool(raw.get("client", True)),
             )
             if registry is not None:
                 for stage in spec.stages + tuple(s for v in spec.variants for s in v.stages):

@@ -84,7 +84,7 @@ class App:
 E2E_SETTINGS: dict[str, Any] = {
     "redelivery_base_s": 1.0,
     "redelivery_max_s": 4.0,
-    "gateway_ttl_s": 10.0,
+    "gateway_ttl_s": 5.0,
     "outbox_grace_s": 1.0,
     "relay_interval_s": 0.5,
     "notification_flush_interval_s": 0.5,
@@ -97,7 +97,7 @@ def conveyor(new_database: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import build_graph
 
     data_dir = tmp_path_factory.mktemp("conveyor")
     dsn = new_database("e2e")
@@ -108,7 +108,7 @@ def conveyor(new_database: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cpu = {"ray_actor_options": {"num_cpus": 0.1}}
     serve.run(
-        build_app(dict(settings), options={"Gateway": {"num_replicas": 2, **cpu}, "stages": cpu}),
+        build_graph(dict(settings), options={"Gateway": {"num_replicas": 2, **cpu}, "stages": cpu}),
         name="conveyor", route_prefix="/",
     )
     yield App(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/ws", dsn, data_dir, settings)

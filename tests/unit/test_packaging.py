@@ -39,3 +39,13 @@ def test_plan_hosts_places_every_stage() -> None:
     split = plan_hosts(s, "split")
     assert set(fused) == set(split) and "ack" not in fused
     assert set(fused.values()) == {"stages"} and all(k == v for k, v in split.items())
+
+
+def test_build_app_is_a_builder_serve_accepts() -> None:
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from serve_app.app import build_app
+
+    app = call_user_app_builder_with_args_if_necessary(build_app, {"topology": "split"})
+    assert isinstance(app, Application)

@@ -121,4 +121,5 @@ def test_shipped_pipelines_yaml_is_valid() -> None:
 
     res = load_resolver(Settings())
     assert res.spec("chat").durable
-    assert [s.name for s in res.spec("chat").stages][:2] == ["validate_chat", "persist_chat"]
+    assert [s.name for s in res.spec("chat").stages][1:3] == ["validate_chat", "persist_chat"]
+    assert not res.spec("signal").durable and not res.spec("presence").client
