@@ -51,7 +51,9 @@ class Connection:
         *,
         queue_size: int,
         implicit_receipt: Callable[[str, str], None],
+        on_write: Callable[[str], None] | None = None,
     ) -> None:
+        self.on_write = on_write
         self.ws = ws
         self.user_id = user_id
         self.id = str(uuid.uuid4())
@@ -153,6 +155,12 @@ class Connection:
 
     async def _write(self, frame: dict[str, Any]) -> None:
         await self.ws.send_text(orjson.dumps(frame).decode())
+        if self.on_write is not None:
+            self.on_write(frame["type"])
+
+    @property
+    def unreceipted(self) -> int:
+        return sum(st.upto - st.receipted for st in self.chats.values())
 
     async def _write_message(self, st: ChatState, frame: dict[str, Any]) -> None:
         if st.upto == st.receipted:

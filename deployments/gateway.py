@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from adapters.auth import AuthError, JwtVerifier
+from cluster.telemetry import MetricsPusher, Recorder
 from deployments.connection import Connection, guarded
 from deployments.http import ApiError, authenticate, error_response, json_response, token_of
 from deployments.runner import PipelineRunner, TypeBatcher
@@ -67,6 +68,8 @@ class GatewayAcks:
                     frame[key] = env.meta[key]
             frame.update(env.meta.get("ack", {}))
             conn.send(frame)
+            self.gateway.metrics.recorder.inc("conveyor_acks_total", type=env.type,
+                                              status=frame["status"])
 
 
 class GatewayNotices:
@@ -96,6 +99,9 @@ class Gateway:
         except Exception:  # outside a replica (tests of the class itself)
             self.replica_id = "local"
         self.services = await open_services(self.settings)
+        self.metrics = MetricsPusher(f"gateway:{self.replica_id}", self.settings.metrics_push_s)
+        self.metrics.refresh = self._gauges
+        self.metrics.start()
         self.store = self.services.store
         self.hub = self.services.hub
         self.verifier = JwtVerifier.from_settings(self.settings)
@@ -106,6 +112,7 @@ class Gateway:
             self.services.resolver, self.services.registry, hosts, handles,
             local_ports={**self.services.ports(), "acks": GatewayAcks(self),
                          "notices": GatewayNotices(self)},
+            observer=self.metrics.observe_stage,
         )
         self.costs = {t: self.settings.credit_costs.get(t, self.services.resolver.spec(t).cost)
                       for t in self.services.resolver.types}
@@ -118,6 +125,8 @@ class Gateway:
                 wait_ms=self.settings.batch_wait_ms,
                 max_batch=self.settings.batch_max,
                 on_drop=self._dropped,
+                on_retry=lambda t: self.metrics.recorder.inc("conveyor_stage_retries_total", type=t),
+                on_batch=lambda t, n: self.metrics.recorder.observe("conveyor_batch_size", n, type=t),
             )
         self.dropped: dict[tuple[str, str], int] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -135,6 +144,7 @@ class Gateway:
             Route("/v1/presence", self.presence, methods=["GET"]),
             Route("/health/live", self.live, methods=["GET"]),
             Route("/health/ready", self.ready, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
         ]
 
     def _ensure_started(self) -> None:
@@ -162,6 +172,7 @@ class Gateway:
             ws, principal.user_id, self.store,
             queue_size=self.settings.connection_queue,
             implicit_receipt=self._implicit_receipt,
+            on_write=self._counted_write,
         )
         self.connections[conn.id] = conn
         self.by_user.setdefault(conn.user_id, set()).add(conn)
@@ -244,6 +255,7 @@ class Gateway:
         fields = {k: v for k, v in frame.items() if k not in ("type", "id")}
         env = Envelope(type=ftype, id=frame_id or "", sender=conn.user_id, connection=conn.id,
                        gateway=self.replica_id, fields=fields, meta={"cost": self.costs[ftype]})
+        self.metrics.recorder.inc("conveyor_messages_in_total", type=ftype)
         if batcher.spec.overflow == "drop":
             if not batcher.offer(env):
                 self._dropped(env, "buffer_full")
@@ -254,6 +266,7 @@ class Gateway:
         if not batcher.offer(env):
             # Durable: never dropped. Tell the client once, then stop reading this socket
             # until the buffer has room.
+            self.metrics.recorder.inc("conveyor_overload_total", type=ftype)
             conn.send({"type": "system", "event": "overload",
                        "data": {"type": ftype, "buffered": batcher.depth}})
             await batcher.put(env)
@@ -293,8 +306,12 @@ class Gateway:
         for o in outcomes:
             env = o.envelope
             if o.verdict is Verdict.DROP:
-                self._dropped(env, o.code or "stage")
+                self._dropped(env, o.code or "unspecified", stage="pipeline")
             elif o.verdict is Verdict.REJECT:
+                rec = self.metrics.recorder
+                rec.inc("conveyor_acks_total", type=env.type, status="rejected")
+                if o.code == "credits_exhausted":
+                    rec.inc("conveyor_credit_rejections_total", type=env.type)
                 conn = self.connections.get(env.connection or "")
                 if conn is None:
                     continue
@@ -306,10 +323,22 @@ class Gateway:
                     error["retryAfter"] = o.retry_after
                 conn.send({"type": "ack", "id": env.id, "status": "rejected", "error": error})
 
-    def _dropped(self, env: Envelope, reason: str) -> None:
+    def _dropped(self, env: Envelope, reason: str, stage: str = "gateway") -> None:
         key = (env.type, reason)
         self.dropped[key] = self.dropped.get(key, 0) + 1
-        log.info("dropped %s from %s: %s", env.type, env.sender, reason)
+        self.metrics.recorder.inc("conveyor_dropped_total", type=env.type, stage=stage,
+                                  reason=reason)
+        log.info("dropped %s from %s at %s: %s", env.type, env.sender, stage, reason)
+
+    def _counted_write(self, frame_type: str) -> None:
+        self.metrics.recorder.inc("conveyor_messages_out_total", type=frame_type)
+
+    def _gauges(self, rec: Recorder) -> None:
+        for t, b in self.batchers.items():
+            rec.set("conveyor_buffer_depth", b.depth, type=t, replica=self.replica_id)
+        rec.set("conveyor_connections", len(self.connections), replica=self.replica_id)
+        rec.set("conveyor_deliveries_unreceipted",
+                sum(c.unreceipted for c in self.connections.values()), replica=self.replica_id)
 
     # --- deliveries from the hub ----------------------------------------------------------
     async def _pull_loop(self, shard: int) -> None:
@@ -348,6 +377,7 @@ class Gateway:
             for conn in list(self.connections.values()):
                 for chat_id in conn.due_redelivery(now, self.settings.redelivery_base_s,
                                                    self.settings.redelivery_max_s):
+                    self.metrics.recorder.inc("conveyor_redeliveries_total")
                     conn.catch_up(chat_id)
 
     # --- HTTP -----------------------------------------------------------------------------
@@ -423,6 +453,25 @@ class Gateway:
             return json_response({"users": out})
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        """Prometheus text: every process's counters plus gauges read now."""
+        self._ensure_started()
+        live: dict[Any, float] = {}
+        try:
+            hubs = await asyncio.wait_for(self.hub.stats(), 5.0)
+            live[("conveyor_users_online", ())] = sum(h["users_online"] for h in hubs)
+            live[("conveyor_hub_mailbox_depth", ())] = sum(h["mailbox_depth"] for h in hubs)
+        except Exception as exc:
+            log.warning("metrics: hub stats unavailable: %r", exc)
+        try:
+            pending, age = await asyncio.wait_for(self.store.outbox_stats(), 5.0)
+            live[("conveyor_outbox_pending", ())] = pending
+            live[("conveyor_outbox_lag_seconds", ())] = age
+        except Exception as exc:
+            log.warning("metrics: outbox stats unavailable: %r", exc)
+        text = await self.metrics.scrape(live)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def live(self, request: Request) -> Response:
         return json_response({"status": "ok"})

@@ -17,6 +17,7 @@ from typing import Any
 
 from ray import serve
 
+from cluster.telemetry import MetricsPusher
 from serve_app.bootstrap import open_services
 from serve_app.settings import Settings
 from stages.feedback import PaceConfig, Pacer
@@ -36,6 +37,9 @@ class OutboxRelay:
         ))
         self.relayed = 0
         self.rounds = 0
+        self.metrics = MetricsPusher("relay", self.settings.metrics_push_s)
+        self.metrics.refresh = lambda r: r.set("conveyor_relay_batch", self.pacer.batch)
+        self.metrics.start()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self) -> None:

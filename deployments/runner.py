@@ -33,7 +33,9 @@ class PipelineRunner:
         hosts: Mapping[str, str],
         handles: Mapping[str, Any],
         local_ports: Mapping[str, Any],
+        observer: Callable[[str, float, int], None] | None = None,
     ) -> None:
+        self.observer = observer
         self.resolver = resolver
         self.registry = registry
         self.hosts = hosts
@@ -77,7 +79,7 @@ class PipelineRunner:
         if pipe is None:
             specs = self.resolver.spec(type_name).stages_for(route)[start:stop]
             pipe = self._local[key] = Pipeline(
-                [self.registry.build(s, self.local_ports) for s in specs]
+                [self.registry.build(s, self.local_ports) for s in specs], observer=self.observer
             )
         return pipe
 
@@ -95,7 +97,11 @@ class TypeBatcher:
         wait_ms: float,
         max_batch: int,
         on_drop: Callable[[Envelope, str], None],
+        on_retry: Callable[[str], None] | None = None,
+        on_batch: Callable[[str, int], None] | None = None,
     ) -> None:
+        self.on_retry = on_retry
+        self.on_batch = on_batch
         self.spec = spec
         self.runner = runner
         self.on_outcomes = on_outcomes
@@ -157,6 +163,8 @@ class TypeBatcher:
                 await self._process(route, part)
 
     async def _process(self, route: int, batch: list[Envelope]) -> None:
+        if self.on_batch is not None:
+            self.on_batch(self.spec.name, len(batch))
         delay = 0.05
         while True:
             t0 = time.monotonic()
@@ -174,6 +182,8 @@ class TypeBatcher:
                 # Durable: never dropped. Retry with backoff; the bounded buffer fills
                 # meanwhile and the gateway stops reading sockets (backpressure).
                 self.retries += 1
+                if self.on_retry is not None:
+                    self.on_retry(self.spec.name)
                 log.warning("%s batch of %d failed (%r); retrying in %.2fs",
                             self.spec.name, len(batch), exc, delay)
                 await asyncio.sleep(delay)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ray import serve
 
+from cluster.telemetry import MetricsPusher
 from serve_app.bootstrap import open_services
 from serve_app.settings import Settings
 from stages.model import Envelope, Outcome
@@ -24,6 +25,12 @@ class StageHost:
         self.stage_names = set(stages)
         self.services = await open_services(self.settings)
         self._pipelines: dict[tuple[str, int, int, int], Pipeline] = {}
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:
+            replica = "local"
+        self.metrics = MetricsPusher(f"stages:{replica}", self.settings.metrics_push_s)
+        self.metrics.start()
 
     def _pipeline(self, type_name: str, route: int, start: int, stop: int) -> Pipeline:
         key = (type_name, route, start, stop)
@@ -35,7 +42,8 @@ class StageHost:
                 raise ValueError(f"this host does not serve stages {foreign}")
             ports = self.services.ports()
             pipe = self._pipelines[key] = Pipeline(
-                [self.services.registry.build(s, ports) for s in specs]
+                [self.services.registry.build(s, ports) for s in specs],
+                observer=self.metrics.observe_stage,
             )
         return pipe
 

@@ -7,7 +7,8 @@ CONTINUE and keeps every item's last outcome, so one bad item never holds up the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from stages.model import Envelope, Outcome
@@ -26,9 +27,14 @@ class Stage(Protocol):
         ...
 
 
+# Called after each stage with (stage name, seconds, items) — metrics hook.
+StageObserver = Callable[[str, float, int], None]
+
+
 class Pipeline:
-    def __init__(self, stages: Sequence[Stage]) -> None:
+    def __init__(self, stages: Sequence[Stage], observer: StageObserver | None = None) -> None:
         self.stages = list(stages)
+        self.observer = observer
 
     @property
     def names(self) -> list[str]:
@@ -40,7 +46,10 @@ class Pipeline:
             live = [i for i, o in enumerate(outcomes) if not o.settled]
             if not live:
                 break
+            t0 = time.perf_counter()
             results = await stage.process([outcomes[i].envelope for i in live])
+            if self.observer is not None:
+                self.observer(stage.name, time.perf_counter() - t0, len(live))
             if len(results) != len(live):
                 raise StageError(
                     f"stage {stage.name!r} returned {len(results)} outcomes for {len(live)} items"

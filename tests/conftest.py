@@ -88,6 +88,9 @@ E2E_SETTINGS: dict[str, Any] = {
     "outbox_grace_s": 1.0,
     "relay_interval_s": 0.5,
     "notification_flush_interval_s": 0.5,
+    "metrics_push_s": 0.5,
+    # Small buffers so the overload test can overflow them on two cores.
+    "inbound_buffer": 64,
 }
 
 

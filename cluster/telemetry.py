@@ -1,0 +1,200 @@
+"""Cluster-wide metrics for ``GET /metrics`` (Prometheus text format).
+
+Every process (gateway replica, stage host, relay) records into a local ``Recorder`` and
+pushes deltas every ``metrics_push_s`` to the ``Telemetry`` actor, which sums counters and
+histograms across processes and keeps each process's latest gauges (a process silent for
+``gauge_ttl_s`` drops out). Any gateway replica can then answer a scrape for the whole
+cluster. Losing the actor loses history: counters restart from zero, which Prometheus
+treats as a counter reset. Ray's own metrics (Serve, actors) are exported by each node's
+metrics agent as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import ray
+
+from cluster.sharding import named_actor
+
+log = logging.getLogger("conveyor.metrics")
+Labels = tuple[tuple[str, str], ...]
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# name -> (type, help). Documented in the README; tests check the counters move.
+METRICS: dict[str, tuple[str, str]] = {
+    "conveyor_messages_in_total": ("counter", "Client frames accepted into a gateway buffer, by type."),
+    "conveyor_messages_out_total": ("counter", "Frames written to client sockets, by frame type."),
+    "conveyor_acks_total": ("counter", "Acks sent to senders, by message type and status."),
+    "conveyor_stage_seconds": ("histogram", "Time one stage took for one batch, by stage."),
+    "conveyor_batch_size": ("histogram", "Items per batch sent down a pipeline, by type."),
+    "conveyor_buffer_depth": ("gauge", "Items waiting in a gateway's inbound buffer, by type and replica."),
+    "conveyor_dropped_total": ("counter", "Items dropped on purpose, by type, stage and reason."),
+    "conveyor_credit_rejections_total": ("counter", "Messages refused for lack of credits, by type."),
+    "conveyor_stage_retries_total": ("counter", "Durable batches retried after a stage refused or failed."),
+    "conveyor_overload_total": ("counter", "Times a gateway paused reading a socket: buffer full."),
+    "conveyor_deliveries_unreceipted": ("gauge", "Messages sent to sockets, not yet receipted."),
+    "conveyor_redeliveries_total": ("counter", "Redeliveries after missing receipts."),
+    "conveyor_connections": ("gauge", "Open WebSocket connections, by gateway replica."),
+    "conveyor_users_online": ("gauge", "Users with at least one live connection."),
+    "conveyor_hub_mailbox_depth": ("gauge", "Frames waiting in the hub for gateways to pull."),
+    "conveyor_outbox_pending": ("gauge", "Outbox entries not yet handed to delivery."),
+    "conveyor_outbox_lag_seconds": ("gauge", "Age of the oldest pending outbox entry."),
+    "conveyor_relay_batch": ("gauge", "Outbox relay batch size chosen by the feedback loop."),
+}
+
+
+def labels(**kv: Any) -> Labels:
+    return tuple(sorted((k, str(v)) for k, v in kv.items()))
+
+
+class Recorder:
+    """Process-local metrics; ``drain()`` hands over what accumulated since last time."""
+
+    def __init__(self) -> None:
+        self.counters: dict[tuple[str, Labels], float] = defaultdict(float)
+        self.hist: dict[tuple[str, Labels], list[float]] = {}
+        self.gauges: dict[tuple[str, Labels], float] = {}
+
+    def inc(self, name: str, value: float = 1.0, **kv: Any) -> None:
+        self.counters[(name, labels(**kv))] += value
+
+    def observe(self, name: str, value: float, **kv: Any) -> None:
+        key = (name, labels(**kv))
+        h = self.hist.get(key)
+        if h is None:
+            h = self.hist[key] = [0.0] * (len(BUCKETS) + 2)  # buckets..., +Inf, sum
+        for i, b in enumerate(BUCKETS):
+            if value <= b:
+                h[i] += 1
+                break
+        else:
+            h[len(BUCKETS)] += 1
+        h[-1] += value
+
+    def set(self, name: str, value: float, **kv: Any) -> None:
+        self.gauges[(name, labels(**kv))] = value
+
+    def drain(self) -> tuple[dict[Any, float], dict[Any, list[float]], dict[Any, float]]:
+        counters, self.counters = dict(self.counters), defaultdict(float)
+        hist, self.hist = self.hist, {}
+        return counters, hist, dict(self.gauges)
+
+
+def render(counters: dict[Any, float], hist: dict[Any, list[float]],
+           gauges: dict[Any, float]) -> str:
+    by_name: dict[str, list[str]] = defaultdict(list)
+
+    def fmt(lb: Iterable[tuple[str, str]]) -> str:
+        parts = [f'{k}="{v}"' for k, v in lb]
+        return "{" + ",".join(parts) + "}" if parts else ""
+
+    for (name, lb), v in sorted(counters.items()):
+        by_name[name].append(f"{name}{fmt(lb)} {v:g}")
+    for (name, lb), v in sorted(gauges.items()):
+        by_name[name].append(f"{name}{fmt(lb)} {v:g}")
+    for (name, lb), h in sorted(hist.items()):
+        cumulative = 0.0
+        for b, n in zip(BUCKETS, h, strict=False):
+            cumulative += n
+            by_name[name].append(f"{name}_bucket{fmt((*lb, ('le', f'{b:g}')))} {cumulative:g}")
+        cumulative += h[len(BUCKETS)]
+        by_name[name].append(f"{name}_bucket{fmt((*lb, ('le', '+Inf')))} {cumulative:g}")
+        by_name[name].append(f"{name}_sum{fmt(lb)} {h[-1]:g}")
+        by_name[name].append(f"{name}_count{fmt(lb)} {cumulative:g}")
+    out = []
+    for name, (kind, help_text) in METRICS.items():
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(by_name.pop(name, []))
+    for name, lines in by_name.items():  # recorded but not declared: still exported
+        out.append(f"# TYPE {name} untyped")
+        out.extend(lines)
+    return "\n".join(out) + "\n"
+
+
+@ray.remote
+class Telemetry:
+    def __init__(self, gauge_ttl_s: float = 30.0) -> None:
+        self.counters: dict[Any, float] = defaultdict(float)
+        self.hist: dict[Any, list[float]] = {}
+        self.gauges: dict[str, tuple[float, dict[Any, float]]] = {}
+        self.gauge_ttl_s = gauge_ttl_s
+
+    async def push(self, source: str, counters: dict[Any, float], hist: dict[Any, list[float]],
+                   gauges: dict[Any, float]) -> None:
+        for k, v in counters.items():
+            self.counters[k] += v
+        for k, h in hist.items():
+            mine = self.hist.get(k)
+            if mine is None:
+                self.hist[k] = list(h)
+            else:
+                for i, v in enumerate(h):
+                    mine[i] += v
+        self.gauges[source] = (time.time(), gauges)
+
+    async def snapshot(self) -> tuple[dict[Any, float], dict[Any, list[float]], dict[Any, float]]:
+        now = time.time()
+        merged: dict[Any, float] = {}
+        for source, (at, gauges) in list(self.gauges.items()):
+            if now - at > self.gauge_ttl_s:
+                del self.gauges[source]
+                continue
+            merged.update(gauges)
+        return dict(self.counters), {k: list(v) for k, v in self.hist.items()}, merged
+
+
+class MetricsPusher:
+    """Owns a process's Recorder and pushes it to the Telemetry actor periodically."""
+
+    def __init__(self, source: str, interval_s: float = 2.0) -> None:
+        self.source = source
+        self.interval_s = interval_s
+        self.recorder = Recorder()
+        self.actor = named_actor(Telemetry, "conveyor-telemetry")
+        self._task: asyncio.Task[None] | None = None
+        self.refresh: Callable[[Recorder], None] | None = None  # sets gauges before a push
+
+    def observe_stage(self, stage: str, seconds: float, items: int) -> None:
+        self.recorder.observe("conveyor_stage_seconds", seconds, stage=stage)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def flush(self) -> None:
+        if self.refresh is not None:
+            self.refresh(self.recorder)
+        counters, hist, gauges = self.recorder.drain()
+        try:
+            await self.actor.push.remote(self.source, counters, hist, gauges)
+        except Exception as exc:  # keep the deltas for the next push
+            log.warning("metrics push failed: %r", exc)
+            for k, v in counters.items():
+                self.recorder.counters[k] += v
+            for k, h in hist.items():
+                mine = self.recorder.hist.setdefault(k, [0.0] * len(h))
+                for i, v in enumerate(h):
+                    mine[i] += v
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.flush()
+
+    async def scrape(self, live_gauges: dict[Any, float]) -> str:
+        await self.flush()
+        counters, hist, gauges = await self.actor.snapshot.remote()
+        gauges.update(live_gauges)
+        return render(counters, hist, gauges)
+
+
+def finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
