@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from adapters.auth import AuthError, JwtVerifier
 from cluster.telemetry import MetricsPusher, Recorder
 from deployments.connection import Connection, guarded
+from deployments.drain import watch_drain
 from deployments.http import ApiError, authenticate, error_response, json_response, token_of
 from deployments.runner import PipelineRunner, TypeBatcher
 from serve_app.bootstrap import open_services
@@ -157,6 +158,7 @@ class Gateway:
         for shard in range(self.hub.n):
             self._tasks.append(asyncio.create_task(self._pull_loop(shard)))
         self._tasks.append(asyncio.create_task(self._redelivery_loop()))
+        self._tasks.append(asyncio.create_task(watch_drain(self, self._drain)))
 
     # --- WebSocket ----------------------------------------------------------------------
     async def ws_endpoint(self, ws: WebSocket) -> None:
@@ -500,12 +502,19 @@ class Gateway:
     async def check_health(self) -> None:
         await self.store.ping()
 
-    async def __del__(self) -> None:
-        # Replica shutting down: tell clients to reconnect (to another replica). Durable
-        # work is safe: it is in PostgreSQL or will be replayed on reconnect.
+    async def _drain(self) -> None:
+        """Replica shutting down: tell clients to reconnect (to another replica) and close
+        their sockets. Nothing is lost: accepted messages are in PostgreSQL and anything
+        not receipted is replayed when they reconnect."""
+        self.draining = True
         for conn in list(self.connections.values()):
+            conn.closed = True
             with contextlib.suppress(Exception):
                 await conn.ws.send_text(orjson.dumps(
                     {"type": "system", "event": "reconnect",
-                     "data": {"reason": "gateway shutting down"}}).decode())
+                     "data": {"reason": "gateway shutting down", "retryAfter": 1}}).decode())
                 await conn.ws.close(code=1012)
+
+    async def __del__(self) -> None:
+        if not getattr(self, "draining", False):
+            await self._drain()

@@ -128,3 +128,8 @@ async def app_db(conveyor: App) -> AsyncIterator[asyncpg.Connection]:
 
 def run(coro: Any) -> Any:
     return asyncio.get_event_loop().run_until_complete(coro)
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """Tests that replace the session app's replicas run last."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
