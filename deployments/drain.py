@@ -42,7 +42,7 @@ async def watch_drain(user_object: Any, on_drain: Callable[[], Awaitable[None]],
     if replica is None or not hasattr(replica, "_shutting_down"):
         log.warning("cannot watch Serve's drain flag; clients learn of shutdown on close only")
         return
-    while not replica._shutting_down:
+    while not replica._shutting_down:  # noqa: ASYNC110 (a flag owned by Serve, no event to wait on)
         await asyncio.sleep(period_s)
     log.info("replica draining: asking clients to reconnect")
     await on_drain()
