@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from stages.ports import ChatDraft, Pointer, Receipt, Stored, StoredMessage
+from stages.ports import COMMAND_KINDS, ChatDraft, Pointer, Receipt, Stored, StoredMessage
 
 log = logging.getLogger("conveyor.postgres")
 SQL_DIR = Path(__file__).with_name("sql")
@@ -85,7 +85,11 @@ class _Race(Exception):
     """Another transaction stored one of our (sender, client id) pairs meanwhile."""
 
 
-def _message(row: asyncpg.Record) -> StoredMessage:
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _message(row: asyncpg.Record, reactions: dict[str, int] | None = None) -> StoredMessage:
     att = row["attachment"]
     return StoredMessage(
         message_id=row["id"],
@@ -98,10 +102,14 @@ def _message(row: asyncpg.Record) -> StoredMessage:
         attachment=json.loads(att) if isinstance(att, str) else att,
         edited_at=rfc3339(row["edited_at"]) if row["edited_at"] else None,
         deleted=row["deleted_at"] is not None,
+        reactions=reactions or {},
+        target=row["target_id"],
+        data=_json(row["data"]),
     )
 
 
-MESSAGE_COLUMNS = "chat_id, seq, id, sender_id, kind, body, attachment, created_at, edited_at, deleted_at"
+MESSAGE_COLUMNS = ("chat_id, seq, id, sender_id, kind, body, attachment, created_at, edited_at,"
+                   " deleted_at, target_id, data")
 
 
 class PostgresStore:
@@ -196,34 +204,58 @@ class PostgresStore:
         now = datetime.now(UTC)
         created = rfc3339(now)
         results: list[Stored | None] = [None] * len(drafts)
+        chat_of = [d.chat_id for d in drafts]
         async with self.pool.acquire() as conn, conn.transaction():
-            chat_ids = sorted({d.chat_id for d in drafts})
+            # Commands name a target message, not a chat: find it (and refuse bad ones).
+            targets = await self._targets(conn, drafts)
+            for i, d in enumerate(drafts):
+                if d.kind in COMMAND_KINDS:
+                    t = targets.get(d.target or "")
+                    error = self._command_error(d, t)
+                    if error is not None:
+                        results[i] = Stored("", t["chat_id"] if t else "", 0, created, False,
+                                            error=error)
+                    else:
+                        chat_of[i] = t["chat_id"]
+            live = [i for i in range(len(drafts)) if results[i] is None]
+            chat_ids = sorted({chat_of[i] for i in live})
             # Lock the chats in a fixed order: seq allocation is serialised per chat, and a
             # later transaction on the same chat sees every message committed before it.
             last = {
                 r["id"]: r["last_seq"]
                 for r in await conn.fetch(
-                    "SELECT id, last_seq FROM chats WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                    "SELECT id, last_seq FROM chats WHERE id = ANY($1::text[])"
+                    " ORDER BY id FOR UPDATE",
                     chat_ids,
                 )
             }
             missing = [c for c in chat_ids if c not in last]
             if missing:
                 raise LookupError(f"unknown chats: {missing}")
+            if any(drafts[i].kind in COMMAND_KINDS for i in live):
+                members = {(r["chat_id"], r["user_id"]) for r in await conn.fetch(
+                    "SELECT chat_id, user_id FROM chat_members WHERE chat_id = ANY($1::text[])",
+                    chat_ids)}
+                for i in live:
+                    if drafts[i].kind in COMMAND_KINDS and (chat_of[i], drafts[i].sender_id) \
+                            not in members:
+                        results[i] = Stored("", chat_of[i], 0, created, False, error="forbidden")
+                live = [i for i in live if results[i] is None]
             existing = {
                 (r["sender_id"], r["client_id"]): r
                 for r in await conn.fetch(
                     "SELECT m.sender_id, m.client_id, m.id, m.chat_id, m.seq, m.created_at"
                     " FROM messages m JOIN unnest($1::text[], $2::text[]) AS k(s, c)"
                     " ON m.sender_id = k.s AND m.client_id = k.c",
-                    [d.sender_id for d in drafts],
-                    [d.client_id for d in drafts],
+                    [drafts[i].sender_id for i in live],
+                    [drafts[i].client_id for i in live],
                 )
             }
             first_in_batch: dict[tuple[str, str], int] = {}
             new_rows: list[tuple[Any, ...]] = []
             ranges: dict[str, list[int]] = {}
-            for i, d in enumerate(drafts):
+            for i in live:
+                d = drafts[i]
                 key = (d.sender_id, d.client_id)
                 old = existing.get(key)
                 if old is not None:
@@ -233,21 +265,25 @@ class PostgresStore:
                 if key in first_in_batch:
                     continue  # filled from the first occurrence below
                 first_in_batch[key] = i
-                last[d.chat_id] += 1
-                seq = last[d.chat_id]
+                chat = chat_of[i]
+                last[chat] += 1
+                seq = last[chat]
                 mid = str(uuid.uuid4())
+                data = await self._apply_command(conn, d, now) if d.kind in COMMAND_KINDS else None
                 att = json.dumps(d.attachment) if d.attachment is not None else None
-                new_rows.append((d.chat_id, seq, mid, d.sender_id, d.client_id, d.kind, d.body, att))
-                ranges.setdefault(d.chat_id, [seq, seq])[1] = seq
-                results[i] = Stored(mid, d.chat_id, seq, created, False)
+                new_rows.append((chat, seq, mid, d.sender_id, d.client_id, d.kind, d.body, att,
+                                 d.target, json.dumps(data) if data is not None else None))
+                ranges.setdefault(chat, [seq, seq])[1] = seq
+                results[i] = Stored(mid, chat, seq, created, False, data=data)
             if new_rows:
                 cols = list(zip(*new_rows, strict=True))
                 inserted = await conn.fetch(
                     "INSERT INTO messages(chat_id, seq, id, sender_id, client_id, kind, body,"
-                    " attachment, created_at)"
-                    " SELECT c, s, i, se, cl, k, b, a::jsonb, $9 FROM unnest($1::text[], $2::bigint[],"
-                    " $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[])"
-                    " AS t(c, s, i, se, cl, k, b, a)"
+                    " attachment, target_id, data, created_at)"
+                    " SELECT c, s, i, se, cl, k, b, a::jsonb, tg, dt::jsonb, $11"
+                    " FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],"
+                    " $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])"
+                    " AS t(c, s, i, se, cl, k, b, a, tg, dt)"
                     " ON CONFLICT (sender_id, client_id) DO NOTHING RETURNING id",
                     *[list(c) for c in cols],
                     now,
@@ -256,23 +292,23 @@ class PostgresStore:
                     raise _Race()
                 chats = sorted(ranges)
                 await conn.execute(
-                    "UPDATE chats SET last_seq = v.s FROM unnest($1::text[], $2::bigint[]) AS v(id, s)"
-                    " WHERE chats.id = v.id",
+                    "UPDATE chats SET last_seq = v.s FROM unnest($1::text[], $2::bigint[])"
+                    " AS v(id, s) WHERE chats.id = v.id",
                     chats,
                     [last[c] for c in chats],
                 )
                 outbox = await conn.fetch(
-                    "INSERT INTO outbox(chat_id, from_seq, to_seq)"
-                    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) RETURNING id, chat_id",
+                    "INSERT INTO outbox(chat_id, from_seq, to_seq) SELECT * FROM"
+                    " unnest($1::text[], $2::bigint[], $3::bigint[]) RETURNING id, chat_id",
                     chats,
                     [ranges[c][0] for c in chats],
                     [ranges[c][1] for c in chats],
                 )
                 box = {r["chat_id"]: r["id"] for r in outbox}
                 for i, r in enumerate(results):
-                    if r is not None and not r.duplicate:
+                    if r is not None and not r.duplicate and r.error is None:
                         results[i] = Stored(r.message_id, r.chat_id, r.seq, r.created_at, False,
-                                            box[r.chat_id])
+                                            box[r.chat_id], data=r.data)
         for key, i in first_in_batch.items():
             first = results[i]
             assert first is not None
@@ -282,6 +318,49 @@ class PostgresStore:
                                         first.created_at, True)
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
+
+    @staticmethod
+    async def _targets(conn: asyncpg.Connection, drafts: Sequence[ChatDraft]
+                       ) -> dict[str, asyncpg.Record]:
+        ids = sorted({d.target for d in drafts if d.kind in COMMAND_KINDS and d.target})
+        if not ids:
+            return {}
+        rows = await conn.fetch(
+            "SELECT id, chat_id, sender_id, kind, deleted_at FROM messages"
+            " WHERE id = ANY($1::text[]) FOR UPDATE", ids)
+        return {r["id"]: r for r in rows}
+
+    @staticmethod
+    def _command_error(d: ChatDraft, target: asyncpg.Record | None) -> str | None:
+        if target is None or target["kind"] in COMMAND_KINDS:
+            return "not_found"
+        if d.kind in ("edit", "delete") and target["sender_id"] != d.sender_id:
+            return "forbidden"
+        if target["deleted_at"] is not None and d.kind != "delete":
+            return "not_found"
+        return None
+
+    @staticmethod
+    async def _apply_command(conn: asyncpg.Connection, d: ChatDraft, now: datetime
+                             ) -> dict[str, Any] | None:
+        if d.kind == "edit":
+            await conn.execute("UPDATE messages SET body = $2, edited_at = $3 WHERE id = $1",
+                               d.target, d.body, now)
+            return None
+        if d.kind == "delete":
+            await conn.execute(
+                "UPDATE messages SET body = NULL, attachment = NULL, deleted_at = coalesce("
+                "deleted_at, $2) WHERE id = $1", d.target, now)
+            await conn.execute("DELETE FROM reactions WHERE message_id = $1", d.target)
+            return None
+        removed = await conn.fetchval(
+            "DELETE FROM reactions WHERE message_id = $1 AND user_id = $2 AND emoji = $3"
+            " RETURNING 1", d.target, d.sender_id, d.emoji)
+        if removed is None:
+            await conn.execute(
+                "INSERT INTO reactions(message_id, user_id, emoji) VALUES ($1, $2, $3)",
+                d.target, d.sender_id, d.emoji)
+        return {"emoji": d.emoji, "added": removed is None}
 
     async def outbox_done(self, outbox_ids: Sequence[int]) -> None:
         await self.pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(outbox_ids))
@@ -325,12 +404,23 @@ class PostgresStore:
         return int(row["n"]), float(row["age"])
 
     async def messages_after(self, chat_id: str, after_seq: int, limit: int) -> list[StoredMessage]:
-        rows = await self.pool.fetch(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND seq > $2"
-            " ORDER BY seq LIMIT $3",
-            chat_id, after_seq, limit,
-        )
-        return [_message(r) for r in rows]
+        """Rows in seq order: messages in their current state (edited body, tombstone,
+        reaction counts) and command events."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = $1 AND seq > $2"
+                " ORDER BY seq LIMIT $3",
+                chat_id, after_seq, limit,
+            )
+            counts: dict[str, dict[str, int]] = {}
+            ids = [r["id"] for r in rows if r["kind"] not in COMMAND_KINDS]
+            if ids:
+                for r in await conn.fetch(
+                    "SELECT message_id, emoji, count(*) AS n FROM reactions"
+                    " WHERE message_id = ANY($1::text[]) GROUP BY message_id, emoji"
+                    " ORDER BY emoji", ids):
+                    counts.setdefault(r["message_id"], {})[r["emoji"]] = r["n"]
+        return [_message(r, counts.get(r["id"])) for r in rows]
 
     async def apply_receipts(self, receipts: Sequence[Receipt]) -> int:
         if not receipts:

@@ -32,6 +32,11 @@ log = logging.getLogger("conveyor.gateway")
 CATCH_UP_PAGE = 200
 
 
+def event_id(frame: dict[str, Any]) -> str:
+    """The id a receipt names: a message's id, or a command event's ``eventId``."""
+    return str(frame.get("eventId") or frame["messageId"])
+
+
 @dataclass
 class ChatState:
     upto: int
@@ -167,7 +172,7 @@ class Connection:
             st.progress_at = time.monotonic()
         await self._write(frame)
         st.upto = frame["seq"]
-        st.sent[frame["messageId"]] = frame["seq"]
+        st.sent[event_id(frame)] = frame["seq"]
 
     async def _on_message(self, frame: dict[str, Any], origin: str | None) -> None:
         chat_id = frame["chatId"]
@@ -182,9 +187,9 @@ class Connection:
             st.upto = seq
             if st.receipted == seq - 1:
                 st.receipted = seq
-                self.implicit_receipt(self.user_id, frame["messageId"])
+                self.implicit_receipt(self.user_id, event_id(frame))
             else:
-                st.own[seq] = frame["messageId"]
+                st.own[seq] = event_id(frame)
             return
         await self._write_message(st, frame)
 

@@ -37,6 +37,8 @@ log = logging.getLogger("conveyor.gateway")
 
 # Frames the gateway answers itself; everything else must have a pipeline.
 LOCAL_TYPES = {"ping", "sync"}
+# Frames that belong to a chat's seq stream: written in order, gap-free, redelivered.
+ORDERED_FRAMES = {"message", "command"}
 MAX_CLIENT_ID = 64
 
 
@@ -361,7 +363,7 @@ class Gateway:
                 await guarded(actor.attach.remote(self.replica_id, conns), "hub re-attach")
                 continue
             for users, frame in got:
-                if frame.get("type") == "message":
+                if frame.get("type") in ORDERED_FRAMES:
                     origin = frame.get("_origin")
                     clean = {k: v for k, v in frame.items() if k != "_origin"}
                     for user in users:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from stages.chat import Ack, ApplyReceipts, DeliverChat, PersistChat, ValidateChat
+from stages.commands import PersistCommand, ValidateCommand
 from stages.load import DebitCredits
 from stages.presence import FanoutPresence
 from stages.resolver import ConfigError, StageRegistry
@@ -47,5 +48,12 @@ def default_registry() -> StageRegistry:
         "fanout_presence",
         lambda o, p: FanoutPresence(_port(p, "contacts", "fanout_presence"),
                                     _port(p, "hub", "fanout_presence")),
+    )
+    reg.register("validate_command",
+                 lambda o, p: ValidateCommand(int(o.get("max_body_chars", 4000))))
+    reg.register(
+        "persist_command",
+        lambda o, p: PersistCommand(_port(p, "store", "persist_command"),
+                                    _port(p, "directory", "persist_command")),
     )
     return reg

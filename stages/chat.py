@@ -142,7 +142,7 @@ class DeliverChat:
         for env in batch:
             if env.meta.get("duplicate"):
                 continue
-            frame = message_frame(env)
+            frame = dict(env.meta["frame"]) if "frame" in env.meta else message_frame(env)
             # The origin connection already has its ack; the gateway skips it there.
             frame["_origin"] = env.connection
             deliveries.append((env.meta.get("members") or [env.sender], frame))

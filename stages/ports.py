@@ -18,14 +18,20 @@ class ChatDraft:
     chat_id: str
     sender_id: str
     client_id: str
-    body: str
-    kind: str = "text"
+    body: str | None
+    kind: str = "text"  # text | attachment | edit | react | delete
     attachment: dict[str, Any] | None = None
+    target: str | None = None  # commands: the message acted on (chat_id is then found from it)
+    emoji: str | None = None  # react
+
+
+COMMAND_KINDS = frozenset({"edit", "react", "delete"})
 
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """The result of persisting one ChatDraft."""
+    """The result of persisting one ChatDraft. ``error`` (a PROTOCOL error code) means the
+    draft was refused by the store (a command's target missing, not the author...)."""
 
     message_id: str
     chat_id: str
@@ -33,6 +39,8 @@ class Stored:
     created_at: str
     duplicate: bool
     outbox_id: int | None = None
+    error: str | None = None
+    data: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +56,14 @@ class StoredMessage:
     edited_at: str | None = None
     deleted: bool = False
     reactions: dict[str, int] = field(default_factory=dict)
+    target: str | None = None
+    data: dict[str, Any] | None = None
 
     def frame(self) -> dict[str, Any]:
-        """The PROTOCOL.md ``message`` frame for this message."""
+        """The PROTOCOL.md frame for this row: ``message``, or ``command`` for events."""
+        if self.kind in COMMAND_KINDS:
+            return command_frame(self.kind, self.message_id, self.target or "", self.chat_id,
+                                 self.seq, self.sender_id, self.created_at, self.body, self.data)
         out: dict[str, Any] = {
             "type": "message",
             "messageId": self.message_id,
@@ -70,6 +83,19 @@ class StoredMessage:
         if self.reactions:
             out["reactions"] = self.reactions
         return out
+
+
+def command_frame(op: str, event_id: str, target: str, chat_id: str, seq: int, by: str,
+                  created_at: str, body: str | None, data: dict[str, Any] | None) -> dict[str, Any]:
+    """The PROTOCOL.md ``command`` frame; ``eventId`` (an extension) is what receipts name."""
+    out: dict[str, Any] = {"type": "command", "op": op, "messageId": target, "chatId": chat_id,
+                           "seq": seq, "by": by, "eventId": event_id, "createdAt": created_at}
+    if op == "edit":
+        out["body"] = body
+    if op == "react" and data:
+        out["emoji"] = data.get("emoji")
+        out["added"] = data.get("added")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
