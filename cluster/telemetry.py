@@ -47,6 +47,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "conveyor_outbox_pending": ("gauge", "Outbox entries not yet handed to delivery."),
     "conveyor_outbox_lag_seconds": ("gauge", "Age of the oldest pending outbox entry."),
     "conveyor_relay_batch": ("gauge", "Outbox relay batch size chosen by the feedback loop."),
+    "conveyor_message_events_total": ("counter", "Analytics events: accepted, delivered, read."),
+    "conveyor_message_latency_seconds": ("histogram", "Accepted: receive to ack; delivered/read: "
+                                          "stored to receipt."),
 }
 
 
@@ -149,6 +152,21 @@ class Telemetry:
                 continue
             merged.update(gauges)
         return dict(self.counters), {k: list(v) for k, v in self.hist.items()}, merged
+
+
+class MetricsAnalytics:
+    """The embedded ``Analytics`` adapter: events become counters and latency histograms.
+    (A Kafka adapter would publish the same events to a topic.)"""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def emit(self, events: Iterable[Any]) -> None:
+        for e in events:
+            self.recorder.inc("conveyor_message_events_total", kind=e.kind, type=e.type)
+            if e.latency_s is not None:
+                self.recorder.observe("conveyor_message_latency_seconds", max(e.latency_s, 0.0),
+                                      kind=e.kind)
 
 
 class MetricsPusher:

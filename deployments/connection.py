@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -32,6 +33,12 @@ log = logging.getLogger("conveyor.gateway")
 CATCH_UP_PAGE = 200
 
 
+def _epoch(rfc3339: str | None) -> float:
+    if not rfc3339:
+        return time.time()
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
 def event_id(frame: dict[str, Any]) -> str:
     """The id a receipt names: a message's id, or a command event's ``eventId``."""
     return str(frame.get("eventId") or frame["messageId"])
@@ -41,7 +48,8 @@ def event_id(frame: dict[str, Any]) -> str:
 class ChatState:
     upto: int
     receipted: int
-    sent: dict[str, int] = field(default_factory=dict)  # message id -> seq, not yet receipted
+    # event id -> (seq, stored at: epoch seconds), written here and not yet receipted
+    sent: dict[str, tuple[int, float]] = field(default_factory=dict)
     own: dict[int, str] = field(default_factory=dict)  # own seq -> message id, past receipted
     progress_at: float = field(default_factory=time.monotonic)
     attempts: int = 0
@@ -114,13 +122,21 @@ class Connection:
             if p.last_seq > p.delivered_seq:
                 self.catch_up(p.chat_id)
 
-    def on_receipt(self, message_ids: list[str]) -> None:
+    def on_receipt(self, message_ids: list[str]) -> dict[str, float]:
+        """Apply a receipt locally; returns stored-to-receipt latency per known id."""
+        now = time.time()
+        latencies: dict[str, float] = {}
         for st in self.chats.values():
             if not st.sent:
                 continue
-            best = max((st.sent[m] for m in message_ids if m in st.sent), default=None)
+            hits = [st.sent[m] for m in message_ids if m in st.sent]
+            for m in message_ids:
+                if m in st.sent:
+                    latencies[m] = now - st.sent[m][1]
+            best = max((seq for seq, _ in hits), default=None)
             if best is not None and best > st.receipted:
                 self._advance(st, best)
+        return latencies
 
     def due_redelivery(self, now: float, base_s: float, max_s: float) -> list[str]:
         due = []
@@ -141,7 +157,7 @@ class Connection:
         st.receipted = seq
         st.attempts = 0
         st.progress_at = time.monotonic()
-        for m in [m for m, s in st.sent.items() if s <= seq]:
+        for m in [m for m, (s, _) in st.sent.items() if s <= seq]:
             del st.sent[m]
         # Own messages right after the receipted point count as received too.
         while st.receipted + 1 in st.own and st.receipted + 1 <= st.upto:
@@ -172,7 +188,7 @@ class Connection:
             st.progress_at = time.monotonic()
         await self._write(frame)
         st.upto = frame["seq"]
-        st.sent[event_id(frame)] = frame["seq"]
+        st.sent[event_id(frame)] = (frame["seq"], _epoch(frame.get("createdAt")))
 
     async def _on_message(self, frame: dict[str, Any], origin: str | None) -> None:
         chat_id = frame["chatId"]

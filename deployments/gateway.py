@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from adapters.auth import AuthError, JwtVerifier
-from cluster.telemetry import MetricsPusher, Recorder
+from cluster.telemetry import MetricsAnalytics, MetricsPusher, Recorder
 from deployments.connection import Connection, guarded
 from deployments.drain import watch_drain
 from deployments.http import ApiError, authenticate, error_response, json_response, token_of
@@ -114,7 +114,8 @@ class Gateway:
         self.runner = PipelineRunner(
             self.services.resolver, self.services.registry, hosts, handles,
             local_ports={**self.services.ports(), "acks": GatewayAcks(self),
-                         "notices": GatewayNotices(self)},
+                         "notices": GatewayNotices(self),
+                         "analytics": MetricsAnalytics(self.metrics.recorder)},
             observer=self.metrics.observe_stage,
         )
         self.costs = {t: self.settings.credit_costs.get(t, self.services.resolver.spec(t).cost)
@@ -254,11 +255,13 @@ class Gateway:
             await self._sync(conn, frame)
             return
         assert batcher is not None
+        meta: dict[str, Any] = {"cost": self.costs[ftype]}
         if ftype == "receipt" and isinstance(frame.get("messageIds"), list):
-            conn.on_receipt([m for m in frame["messageIds"] if isinstance(m, str)])
+            meta["latencies"] = conn.on_receipt(
+                [m for m in frame["messageIds"] if isinstance(m, str)])
         fields = {k: v for k, v in frame.items() if k not in ("type", "id")}
         env = Envelope(type=ftype, id=frame_id or "", sender=conn.user_id, connection=conn.id,
-                       gateway=self.replica_id, fields=fields, meta={"cost": self.costs[ftype]})
+                       gateway=self.replica_id, fields=fields, meta=meta)
         self.metrics.recorder.inc("conveyor_messages_in_total", type=ftype)
         if batcher.spec.overflow == "drop":
             if not batcher.offer(env):

@@ -11,7 +11,7 @@ from typing import Any
 
 from ray import serve
 
-from cluster.telemetry import MetricsPusher
+from cluster.telemetry import MetricsAnalytics, MetricsPusher
 from serve_app.bootstrap import open_services
 from serve_app.settings import Settings
 from stages.model import Envelope, Outcome
@@ -40,7 +40,7 @@ class StageHost:
             foreign = [s.name for s in specs if s.name not in self.stage_names]
             if foreign:
                 raise ValueError(f"this host does not serve stages {foreign}")
-            ports = self.services.ports()
+            ports = self.services.ports(analytics=MetricsAnalytics(self.metrics.recorder))
             pipe = self._pipelines[key] = Pipeline(
                 [self.services.registry.build(s, ports) for s in specs],
                 observer=self.metrics.observe_stage,

@@ -25,7 +25,7 @@ from serve_app.bootstrap import load_resolver
 from serve_app.settings import Settings
 
 # Stages that run inside the gateway: they answer the sender or guard the entrance.
-GATEWAY_STAGES = {"ack", "debit_credits"}
+GATEWAY_STAGES = {"ack", "debit_credits", "track"}
 TOPOLOGIES = ("fused", "split")
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from stages.analytics import Track
 from stages.chat import Ack, ApplyReceipts, DeliverChat, PersistChat, ValidateChat
 from stages.commands import PersistCommand, ValidateCommand
 from stages.load import DebitCredits
+from stages.notifications import register_notification_stages
 from stages.presence import FanoutPresence
 from stages.resolver import ConfigError, StageRegistry
 from stages.signals import DedupSignal, ForwardSignal, ValidateSignal
@@ -56,4 +58,7 @@ def default_registry() -> StageRegistry:
         lambda o, p: PersistCommand(_port(p, "store", "persist_command"),
                                     _port(p, "directory", "persist_command")),
     )
+    reg.register("track", lambda o, p: Track(_port(p, "analytics", "track"),
+                                             str(o.get("event", "accepted"))))
+    register_notification_stages(reg)
     return reg

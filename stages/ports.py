@@ -218,3 +218,19 @@ class Contacts(Protocol):
     """Who should hear about a user's presence: everyone sharing a chat with them."""
 
     async def contacts(self, user_ids: Sequence[str]) -> Mapping[str, frozenset[str]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AnalyticsEvent:
+    kind: str  # accepted | delivered | read
+    message_id: str
+    user_id: str  # the sender (accepted) or the receiver (delivered, read)
+    type: str  # message type
+    latency_s: float | None  # accepted: since the gateway received it; else since stored
+
+
+class Analytics(Protocol):
+    """Monitoring and analytics events. Fire-and-forget, at-most-once: an adapter may
+    sample, aggregate or lose events, and must never slow the pipeline down."""
+
+    def emit(self, events: Sequence[AnalyticsEvent]) -> None: ...

@@ -64,6 +64,9 @@ async def test_metrics_counters_move_with_traffic(conveyor: App) -> None:
     assert moved("conveyor_stage_seconds_count", stage="persist_chat") >= 1
     assert moved("conveyor_stage_seconds_count", stage="debit_credits") >= 1
     assert moved("conveyor_batch_size_count", type="chat") >= 1
+    assert moved("conveyor_message_events_total", kind="accepted", type="chat") >= 3
+    assert moved("conveyor_message_events_total", kind="delivered") >= 1
+    assert moved("conveyor_message_latency_seconds_count", kind="delivered") >= 1
     assert total(after, "conveyor_connections") >= 2
     assert total(after, "conveyor_users_online") >= 2
     assert ("conveyor_outbox_lag_seconds", ()) in after

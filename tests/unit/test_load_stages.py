@@ -141,3 +141,30 @@ async def test_presence_goes_to_everyone_sharing_a_chat_but_the_user() -> None:
     assert hub.published == [(["bob", "carol"], {
         "type": "system", "event": "presence",
         "data": {"userId": "alice", "online": True, "lastSeen": "2026-01-01T00:00:00Z"}})]
+
+
+async def test_track_emits_accepted_and_receipt_events() -> None:
+    from stages.analytics import Track
+    from stages.ports import AnalyticsEvent
+
+    class Sink:
+        def __init__(self) -> None:
+            self.events: list[AnalyticsEvent] = []
+
+        def emit(self, events: Sequence[AnalyticsEvent]) -> None:
+            self.events.extend(events)
+
+    sink = Sink()
+    accepted = Envelope(type="chat", id="1", sender="alice", received_at=0.0,
+                        meta={"messageId": "m1"})
+    duplicate = Envelope(type="chat", id="2", sender="alice", meta={"messageId": "m0",
+                                                                     "duplicate": True})
+    out = await Track(sink, "accepted").process([accepted, duplicate])
+    assert [o.verdict for o in out] == [Verdict.CONTINUE, Verdict.CONTINUE]
+    assert [(e.kind, e.message_id) for e in sink.events] == [("accepted", "m1")]
+    receipt = Envelope(type="receipt", id="", sender="bob",
+                       fields={"messageIds": ["m1", "m2"], "status": "read"},
+                       meta={"latencies": {"m1": 0.25}})
+    await Track(sink, "receipt").process([receipt])
+    assert [(e.kind, e.message_id, e.user_id, e.latency_s) for e in sink.events[1:]] == [
+        ("read", "m1", "bob", 0.25), ("read", "m2", "bob", None)]
