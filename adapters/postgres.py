@@ -17,7 +17,15 @@ from typing import Any
 
 import asyncpg
 
-from stages.ports import COMMAND_KINDS, ChatDraft, Pointer, Receipt, Stored, StoredMessage
+from stages.ports import (
+    COMMAND_KINDS,
+    AttachmentRecord,
+    ChatDraft,
+    Pointer,
+    Receipt,
+    Stored,
+    StoredMessage,
+)
 
 log = logging.getLogger("conveyor.postgres")
 SQL_DIR = Path(__file__).with_name("sql")
@@ -485,3 +493,66 @@ class CachedDirectory:
             if len(self._cache) > 100_000:
                 self._cache.clear()
         return out
+
+
+def _attachment(r: asyncpg.Record) -> AttachmentRecord:
+    return AttachmentRecord(
+        id=r["id"], chat_id=r["chat_id"], uploader=r["uploader"], client_id=r["client_id"],
+        object_key=r["object_key"], file_name=r["file_name"], content_type=r["content_type"],
+        size=r["size"], state=r["state"], upload_token=r["upload_token"],
+        expires_at=rfc3339(r["expires_at"]), message_id=r["message_id"])
+
+
+class PostgresAttachments:
+    """``AttachmentStore`` on PostgreSQL (see the port for its guarantees)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def create(self, records: Sequence[AttachmentRecord]
+                     ) -> list[tuple[AttachmentRecord, bool]]:
+        out: list[tuple[AttachmentRecord, bool]] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for rec in records:
+                row = await conn.fetchrow(
+                    "INSERT INTO attachments(id, chat_id, uploader, client_id, object_key,"
+                    " file_name, content_type, size, upload_token, expires_at)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10::text::timestamptz)"
+                    " ON CONFLICT (uploader, client_id) DO NOTHING RETURNING *",
+                    rec.id, rec.chat_id, rec.uploader, rec.client_id, rec.object_key,
+                    rec.file_name, rec.content_type, rec.size, rec.upload_token, rec.expires_at)
+                if row is not None:
+                    out.append((_attachment(row), False))
+                    continue
+                old = await conn.fetchrow(
+                    "SELECT * FROM attachments WHERE uploader = $1 AND client_id = $2",
+                    rec.uploader, rec.client_id)
+                assert old is not None
+                out.append((_attachment(old), True))
+        return out
+
+    async def get(self, ids: Sequence[str]) -> dict[str, AttachmentRecord]:
+        rows = await self.pool.fetch("SELECT * FROM attachments WHERE id = ANY($1::text[])",
+                                     list(ids))
+        return {r["id"]: _attachment(r) for r in rows}
+
+    async def by_key(self, key: str) -> AttachmentRecord | None:
+        row = await self.pool.fetchrow("SELECT * FROM attachments WHERE object_key = $1", key)
+        return _attachment(row) if row else None
+
+    async def finish(self, attachment_id: str, state: str, reason: str | None = None,
+                     message_id: str | None = None) -> bool:
+        done = await self.pool.fetchval(
+            "UPDATE attachments SET state = $2, reason = $3, message_id = $4"
+            " WHERE id = $1 AND state = 'pending' RETURNING 1",
+            attachment_id, state, reason, message_id)
+        return done is not None
+
+    async def expire(self, limit: int = 100) -> list[str]:
+        """Mark never-uploaded attachments past their expiry; returns their object keys."""
+        rows = await self.pool.fetch(
+            "UPDATE attachments SET state = 'expired', reason = 'never uploaded'"
+            " WHERE id IN (SELECT id FROM attachments WHERE state = 'pending'"
+            " AND expires_at < now() ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            " RETURNING object_key", limit)
+        return [r["object_key"] for r in rows]

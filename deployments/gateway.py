@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 from ray import serve
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from adapters.auth import AuthError, JwtVerifier
+from adapters.objects import LocalObjectStore
 from cluster.telemetry import MetricsAnalytics, MetricsPusher, Recorder
 from deployments.connection import Connection, guarded
 from deployments.drain import watch_drain
@@ -146,6 +149,13 @@ class Gateway:
             Route("/v1/chats", self.list_chats, methods=["GET"]),
             Route("/v1/chats/{chat_id}/messages", self.chat_messages, methods=["GET"]),
             Route("/v1/presence", self.presence, methods=["GET"]),
+            Route("/v1/storage/events", self.storage_events, methods=["POST"]),
+            Route("/v1/attachments/{attachment_id}/complete", self.complete_attachment,
+                  methods=["POST"]),
+            Route("/v1/attachments/{attachment_id}/content", self.attachment_content,
+                  methods=["GET"]),
+            Route("/v1/uploads/{key:path}", self.local_upload, methods=["PUT"]),
+            Route("/v1/uploads/{key:path}", self.local_download, methods=["GET"]),
             Route("/health/live", self.live, methods=["GET"]),
             Route("/health/ready", self.ready, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
@@ -480,6 +490,135 @@ class Gateway:
         text = await self.metrics.scrape(live)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    # --- attachments, phase 2 ------------------------------------------------------------
+    async def _uploaded(self, records: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Run attachment_uploaded for (attachment id, uploader) pairs; one batch."""
+        batch = [Envelope(type="attachment_uploaded", id=f"attachment:{aid}", sender=uploader,
+                          gateway=self.replica_id, fields={"attachmentId": aid})
+                 for aid, uploader in records]
+        outcomes = await self.runner.run("attachment_uploaded", -1, batch)
+        out = []
+        for o in outcomes:
+            env = o.envelope
+            item: dict[str, Any] = {"attachmentId": env.fields["attachmentId"]}
+            if o.verdict is Verdict.REJECT:
+                item.update(state=env.meta.get("attachmentState", "pending")
+                            if o.code == "not_uploaded" else
+                            ("pending" if o.code == "not_found" else "rejected"),
+                            error={"code": o.code, "message": o.message})
+            else:
+                item.update(state=env.meta.get("attachmentState", "ready"),
+                            messageId=env.meta.get("messageId"))
+            out.append(item)
+        return out
+
+    async def storage_events(self, request: Request) -> Response:
+        """S3/MinIO bucket notifications (MinIO's event JSON), bearer-secret protected."""
+        secret = self.settings.storage_webhook_secret
+        given = token_of(request) or ""
+        if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
+            return error_response(401, "unauthorized", "a valid storage webhook secret is required")
+        try:
+            event = orjson.loads(await request.body())
+            records = event["Records"] if isinstance(event, dict) else None
+            if not isinstance(records, list):
+                raise KeyError("Records")
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return error_response(400, "invalid", "expected a bucket notification with Records")
+        found: list[tuple[str, str]] = []
+        ignored = 0
+        for rec in records:
+            try:
+                name = rec["eventName"]
+                key = unquote_plus(rec["s3"]["object"]["key"])
+            except (KeyError, TypeError):
+                ignored += 1
+                continue
+            att = await self.services.attachments.by_key(key) if name.startswith(
+                "s3:ObjectCreated") else None
+            if att is None:
+                ignored += 1
+                continue
+            found.append((att.id, att.uploader))
+        results = await self._uploaded(found) if found else []
+        return json_response({"processed": len(results), "ignored": ignored, "results": results})
+
+    async def complete_attachment(self, request: Request) -> Response:
+        """The uploader confirms an upload (deployments without a storage webhook)."""
+        try:
+            principal = await self._guard(request)
+            aid = request.path_params["attachment_id"]
+            recs = await self.services.attachments.get([aid])
+            rec = recs.get(aid)
+            if rec is None or rec.uploader != principal.user_id:
+                raise ApiError(404, "not_found", "no such attachment")
+            (result,) = await self._uploaded([(aid, principal.user_id)])
+            error = result.get("error")
+            if error is not None:
+                status = {"not_uploaded": 409, "not_found": 404}.get(error["code"], 422)
+                return json_response(result, status)
+            return json_response(result)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+    async def attachment_content(self, request: Request) -> Response:
+        """Members get a short-lived download URL (a redirect to the object store)."""
+        try:
+            principal = await self._guard(request)
+            aid = request.path_params["attachment_id"]
+            rec = (await self.services.attachments.get([aid])).get(aid)
+            members = await self.store.members([rec.chat_id]) if rec else {}
+            if rec is None or principal.user_id not in members.get(rec.chat_id, ()):
+                raise ApiError(404, "not_found", "no such attachment")
+            if rec.state != "ready":
+                raise ApiError(409, "not_ready", f"attachment is {rec.state}")
+            url = await self.services.objects.download_url(rec.object_key, 300)
+            return Response(status_code=307, headers={"Location": url})
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+    def _local_objects(self, request: Request) -> tuple[LocalObjectStore, str, int, int]:
+        objects = self.services.objects
+        if not isinstance(objects, LocalObjectStore):
+            raise ApiError(404, "not_found", "uploads go to the object store directly")
+        try:
+            expires = int(request.query_params["expires"])
+            size = int(request.query_params["size"])
+            sig = request.query_params["sig"]
+        except (KeyError, ValueError):
+            raise ApiError(403, "forbidden", "missing or malformed signature") from None
+        key = request.path_params["key"]
+        method = "PUT" if request.method == "PUT" else "GET"
+        if not objects.verify(method, key, expires, size, sig):
+            raise ApiError(403, "forbidden", "invalid or expired signature")
+        return objects, key, expires, size
+
+    async def local_upload(self, request: Request) -> Response:
+        """The embedded object store's upload endpoint; on success it reports the upload
+        itself, as a bucket notification would."""
+        try:
+            objects, key, _, size = self._local_objects(request)
+            try:
+                await objects.write(key, request.stream(),
+                                    request.headers.get("content-type"), limit=size)
+            except ValueError as exc:
+                raise ApiError(413, "too_large", str(exc)) from None
+            att = await self.services.attachments.by_key(key)
+            results = await self._uploaded([(att.id, att.uploader)]) if att else []
+            return json_response({"stored": True, "results": results})
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+    async def local_download(self, request: Request) -> Response:
+        try:
+            objects, key, _, _ = self._local_objects(request)
+            info = await objects.stat(key)
+            if info is None:
+                raise ApiError(404, "not_found", "no such object")
+            return FileResponse(objects.path(key), media_type=info.content_type)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
     async def live(self, request: Request) -> Response:
         return json_response({"status": "ok"})
 
@@ -498,6 +637,7 @@ class Gateway:
         await asyncio.gather(
             check("database", self.store.ping()),
             check("hub", self.hub.stats()),
+            check("objects", self.services.objects.ping()),
             *(check(f"deployment:{name}", h.ping.remote()) for name, h in self.handles.items()),
         )
         ok = all(c["status"] == "up" for c in checks.values())

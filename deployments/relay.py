@@ -77,7 +77,18 @@ class OutboxRelay:
             self.relayed += count
             log.info("relayed %d messages from %d outbox entries", count, len(claimed))
         self.pacer.observe(latency_s=time.monotonic() - t0, backlog=backlog)
+        if self.rounds % 30 == 1:
+            await self.expire_attachments()
         return count
+
+    async def expire_attachments(self) -> int:
+        """Never-uploaded attachments past their expiry: mark expired, remove any bytes."""
+        keys = await self.services.attachments.expire()
+        for key in keys:
+            await self.services.objects.delete(key)
+        if keys:
+            log.info("expired %d attachments that were never uploaded", len(keys))
+        return len(keys)
 
     async def stats(self) -> dict[str, Any]:
         pending, age = await self.services.store.outbox_stats()

@@ -13,7 +13,16 @@ from typing import Any
 
 import asyncpg
 
-from adapters.postgres import CachedDirectory, PostgresStore, migrate, open_pool, resolve_dsn
+from adapters.clamd import ClamdScanner
+from adapters.objects import LocalObjectStore, S3ObjectStore
+from adapters.postgres import (
+    CachedDirectory,
+    PostgresAttachments,
+    PostgresStore,
+    migrate,
+    open_pool,
+    resolve_dsn,
+)
 from cluster.credits import CreditBankClient
 from cluster.dedup import DedupClient
 from cluster.hub import HubClient
@@ -38,16 +47,29 @@ class Services:
     hub: HubClient
     credits: CreditBankClient
     dedup: DedupClient
+    objects: S3ObjectStore | LocalObjectStore
+    attachments: PostgresAttachments
+    scanner: ClamdScanner | None
     registry: StageRegistry
     resolver: Resolver
     extra: dict[str, Any] = field(default_factory=dict)
 
     def ports(self, **more: Any) -> dict[str, Any]:
         return {"store": self.store, "directory": self.directory, "contacts": self.store,
-                "hub": self.hub, "credits": self.credits, "dedup": self.dedup, **self.extra, **more}
+                "hub": self.hub, "credits": self.credits, "dedup": self.dedup,
+                "objects": self.objects, "attachments": self.attachments,
+                "scanner": self.scanner, "settings": self.settings, **self.extra, **more}
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+def object_store(settings: Settings) -> S3ObjectStore | LocalObjectStore:
+    if settings.s3_endpoint:
+        return S3ObjectStore(settings.s3_endpoint, settings.s3_access_key,
+                             settings.s3_secret_key, settings.s3_bucket, settings.s3_region,
+                             settings.s3_secure)
+    return LocalObjectStore.from_data_dir(settings.data_dir, settings.public_base_url)
 
 
 async def open_services(settings: Settings) -> Services:
@@ -65,6 +87,9 @@ async def open_services(settings: Settings) -> Services:
         credits=CreditBankClient(settings.credit_shards, settings.credit_capacity,
                                  settings.credit_refill, settings.credit_interval_s),
         dedup=DedupClient(settings.dedup_shards, settings.signal_dedup_ttl_s),
+        objects=object_store(settings),
+        attachments=PostgresAttachments(pool),
+        scanner=ClamdScanner(settings.clamd_address) if settings.clamd_address else None,
         registry=registry,
         resolver=load_resolver(settings, registry),
     )

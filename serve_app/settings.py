@@ -93,6 +93,30 @@ class Settings(BaseSettings):
     metrics_push_s: float = Field(default=2.0, description="How often processes push metrics.")
     stage_call_timeout_s: float = 30.0
 
+    # --- attachments -------------------------------------------------------------------
+    s3_endpoint: str | None = Field(default=None, description=(
+        "S3/MinIO endpoint host:port. Unset: objects are kept under data_dir/objects behind "
+        "the app's own upload endpoint."))
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_bucket: str = "conveyor-attachments"
+    s3_region: str = "us-east-1"
+    s3_secure: bool = False
+    public_base_url: str = Field(default="http://127.0.0.1:8000", description=(
+        "Where clients reach this app (upload URLs of the local object store)."))
+    attachment_max_bytes: int = 50 * 1024 * 1024
+    attachment_types: list[str] = Field(default_factory=lambda: [
+        "image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf",
+        "text/plain", "video/mp4", "audio/mpeg", "application/zip"],
+        description="Content types accepted for attachments.")
+    attachment_upload_ttl_s: int = Field(default=900, description="Upload URL lifetime.")
+    storage_webhook_secret: str | None = Field(default=None, description=(
+        "Bearer secret the storage's bucket-notification webhook must send; unset: the "
+        "webhook endpoint refuses everything."))
+    clamd_address: str | None = Field(default=None, description=(
+        "ClamAV daemon, host:port or a unix socket path; unset: no virus scan (content "
+        "type sniffing still runs)."))
+
     # --- notifications -----------------------------------------------------------------
     smtp_host: str | None = Field(default=None, description=(
         "SMTP server. Unset: e-mails are written as .eml files to mail_dir."))
@@ -118,6 +142,8 @@ class Settings(BaseSettings):
     notification_max_attempts: int = 5
     notification_retry_base_s: float = 1.0
     notification_retry_max_s: float = 60.0
+    notification_lease_s: float = Field(default=300.0, description=(
+        "A dispatcher holds claimed notifications this long; if it dies they are resent after."))
     breaker_failures: int = Field(default=5, description="Failures in a row that open a channel's breaker.")
     breaker_reset_s: float = 30.0
     request_timeout_s: float = Field(default=10.0, description="HTTP requests over this get 504.")

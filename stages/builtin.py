@@ -6,6 +6,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from stages.analytics import Track
+from stages.attachments import (
+    CreateUpload,
+    FinalizeAttachment,
+    ScanAttachment,
+    ValidateAttachment,
+    VerifyUpload,
+)
 from stages.chat import Ack, ApplyReceipts, DeliverChat, PersistChat, ValidateChat
 from stages.commands import PersistCommand, ValidateCommand
 from stages.load import DebitCredits
@@ -58,6 +65,26 @@ def default_registry() -> StageRegistry:
         lambda o, p: PersistCommand(_port(p, "store", "persist_command"),
                                     _port(p, "directory", "persist_command")),
     )
+    def limits(p: Mapping[str, Any]) -> Any:
+        return _port(p, "settings", "attachments")
+
+    reg.register("validate_attachment", lambda o, p: ValidateAttachment(
+        _port(p, "directory", "validate_attachment"),
+        int(o.get("max_bytes", limits(p).attachment_max_bytes)),
+        list(o.get("content_types", limits(p).attachment_types))))
+    reg.register("create_upload", lambda o, p: CreateUpload(
+        _port(p, "attachments", "create_upload"), _port(p, "objects", "create_upload"),
+        int(o.get("ttl_s", limits(p).attachment_upload_ttl_s))))
+    reg.register("verify_upload", lambda o, p: VerifyUpload(
+        _port(p, "attachments", "verify_upload"), _port(p, "objects", "verify_upload"),
+        _port(p, "hub", "verify_upload"), _port(p, "directory", "verify_upload")))
+    reg.register("scan_attachment", lambda o, p: ScanAttachment(
+        _port(p, "attachments", "scan_attachment"), _port(p, "objects", "scan_attachment"),
+        _port(p, "hub", "scan_attachment"),
+        _port(p, "scanner", "scan_attachment") if o.get("antivirus", True) else None,
+        limits(p).attachment_max_bytes))
+    reg.register("finalize_attachment", lambda o, p: FinalizeAttachment(
+        _port(p, "attachments", "finalize_attachment")))
     reg.register("track", lambda o, p: Track(_port(p, "analytics", "track"),
                                              str(o.get("event", "accepted"))))
     register_notification_stages(reg)

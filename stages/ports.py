@@ -234,3 +234,59 @@ class Analytics(Protocol):
     sample, aggregate or lose events, and must never slow the pipeline down."""
 
     def emit(self, events: Sequence[AnalyticsEvent]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    size: int
+    content_type: str | None
+
+
+class ObjectStore(Protocol):
+    """S3-compatible object storage for attachments.
+
+    ``upload_url`` returns a URL the client PUTs the bytes to directly (valid ``expires_s``);
+    the store itself never proxies uploads. ``stat`` is None for a missing object. ``head``
+    reads at most ``n`` first bytes. ``delete`` is idempotent.
+    """
+
+    async def upload_url(self, key: str, content_type: str, size: int, expires_s: int) -> str: ...
+
+    async def download_url(self, key: str, expires_s: int) -> str: ...
+
+    async def stat(self, key: str) -> ObjectInfo | None: ...
+
+    async def head(self, key: str, n: int) -> bytes: ...
+
+    async def delete(self, key: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentRecord:
+    id: str
+    chat_id: str
+    uploader: str
+    client_id: str
+    object_key: str
+    file_name: str
+    content_type: str
+    size: int
+    state: str
+    upload_token: str
+    expires_at: str
+    message_id: str | None = None
+
+
+class AttachmentStore(Protocol):
+    """Attachment records. ``create`` is idempotent on (uploader, client id): a repeat
+    returns the first record with ``duplicate`` True. ``finish`` moves a record out of
+    ``pending`` once (a second call returns False): that is what makes repeated storage
+    events harmless."""
+
+    async def create(self, records: Sequence[AttachmentRecord]
+                     ) -> list[tuple[AttachmentRecord, bool]]: ...
+
+    async def get(self, ids: Sequence[str]) -> dict[str, AttachmentRecord]: ...
+
+    async def finish(self, attachment_id: str, state: str, reason: str | None = None,
+                     message_id: str | None = None) -> bool: ...

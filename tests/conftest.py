@@ -60,6 +60,21 @@ async def db_pool(new_database: Any) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+@pytest.fixture(scope="session")
+def s3() -> Iterator[str]:
+    """A real S3 API (moto's server) on a free port; yields host:port."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop()
+
+
+WEBHOOK_SECRET = "test-webhook-secret"
+
+
 @dataclass
 class App:
     base_url: str
@@ -95,7 +110,8 @@ E2E_SETTINGS: dict[str, Any] = {
 
 
 @pytest.fixture(scope="session")
-def conveyor(new_database: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+def conveyor(new_database: Any, tmp_path_factory: pytest.TempPathFactory, s3: str
+             ) -> Iterator[App]:
     """The whole application on Ray Serve; shared by every e2e test of the session."""
     import ray
     from ray import serve
@@ -106,7 +122,9 @@ def conveyor(new_database: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     dsn = new_database("e2e")
     port = free_port()
     settings = {**E2E_SETTINGS, "data_dir": str(data_dir), "database_url": dsn,
-                "mail_dir": str(data_dir / "mail")}
+                "mail_dir": str(data_dir / "mail"), "s3_endpoint": s3,
+                "s3_access_key": "test", "s3_secret_key": "test-secret",
+                "storage_webhook_secret": WEBHOOK_SECRET}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cpu = {"ray_actor_options": {"num_cpus": 0.1}}
