@@ -31,6 +31,8 @@ from cluster.telemetry import MetricsAnalytics, MetricsPusher, Recorder
 from deployments.connection import Connection, guarded
 from deployments.drain import watch_drain
 from deployments.http import ApiError, authenticate, error_response, json_response, token_of
+from deployments.middleware import EXCEPTION_HANDLERS, wrap
+from deployments.notifications import NotificationApi
 from deployments.runner import PipelineRunner, TypeBatcher
 from serve_app.bootstrap import open_services
 from serve_app.settings import Settings
@@ -98,7 +100,7 @@ def rfc3339_now() -> str:
 @serve.ingress()
 class Gateway:
     async def __init__(self, settings: dict[str, Any], hosts: dict[str, str],
-                       handles: dict[str, Any]) -> None:
+                       handles: dict[str, Any], notifier: Any = None) -> None:
         self.settings = Settings(**settings)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -111,6 +113,8 @@ class Gateway:
         self.store = self.services.store
         self.hub = self.services.hub
         self.verifier = JwtVerifier.from_settings(self.settings)
+        self.notifications = await NotificationApi.open(self.settings, self.services, self.verifier,
+                                                        dispatcher=notifier)
         self.connections: dict[str, Connection] = {}
         self.by_user: dict[str, set[Connection]] = {}
         self.handles = handles
@@ -140,7 +144,9 @@ class Gateway:
         self._started = False
 
     def __serve_build_asgi_app__(self) -> Starlette:
-        return Starlette(routes=self._routes())
+        app = Starlette(routes=self._routes(), exception_handlers=EXCEPTION_HANDLERS)
+        return wrap(app, timeout_s=self.settings.request_timeout_s,  # type: ignore[return-value]
+                    max_body_bytes=self.settings.max_request_bytes)
 
     def _routes(self) -> list[BaseRoute]:
         return [
@@ -159,6 +165,7 @@ class Gateway:
             Route("/health/live", self.live, methods=["GET"]),
             Route("/health/ready", self.ready, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+            *self.notifications.routes(),
         ]
 
     def _ensure_started(self) -> None:
@@ -639,6 +646,7 @@ class Gateway:
             check("hub", self.hub.stats()),
             check("objects", self.services.objects.ping()),
             *(check(f"deployment:{name}", h.ping.remote()) for name, h in self.handles.items()),
+            *(check(name, fn()) for name, fn in self.notifications.health_checks().items()),
         )
         ok = all(c["status"] == "up" for c in checks.values())
         return json_response({"status": "ready" if ok else "unavailable", "checks": checks},

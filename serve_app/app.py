@@ -19,6 +19,7 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.gateway import Gateway
+from deployments.notifications import NotificationDispatcher
 from deployments.relay import OutboxRelay
 from deployments.stage_host import StageHost
 from serve_app.bootstrap import load_resolver
@@ -26,6 +27,8 @@ from serve_app.settings import Settings
 
 # Stages that run inside the gateway: they answer the sender or guard the entrance.
 GATEWAY_STAGES = {"ack", "debit_credits", "track"}
+# The notification pipeline runs inside the gateway's POST /v1/notifications handler.
+GATEWAY_STAGES |= {"validate_notification", "persist_notification", "route_notification"}
 TOPOLOGIES = ("fused", "split")
 
 
@@ -78,4 +81,6 @@ def build_graph(args: dict[str, Any] | None = None,
         for host, stages in by_host.items()
     }
     handles["relay"] = OutboxRelay.options(**options.get("OutboxRelay", {})).bind(settings_args)
-    return Gateway.options(**options.get("Gateway", {})).bind(settings_args, hosts, handles)
+    notifier = NotificationDispatcher.options(
+        **options.get("NotificationDispatcher", {})).bind(settings_args)
+    return Gateway.options(**options.get("Gateway", {})).bind(settings_args, hosts, handles, notifier)

@@ -1,0 +1,124 @@
+"""The Bitrix24 channel: ``im.notify.personal.add`` on an incoming-webhook URL.
+
+Wire format (Bitrix24 REST): ``POST <webhook>/im.notify.personal.add.json`` with
+``{"USER_ID": <id>, "MESSAGE": <text>}``; success is ``{"result": <notification id>}``,
+an error ``{"error": CODE, "error_description": TEXT}`` (HTTP 400/401/403/404/429/5xx).
+
+Requests are paced on our side to the cloud limit (``rate_per_s``, 2 by default) per
+portal with a configurable ``burst``. Classification: HTTP 5xx, 429, 503
+``QUERY_LIMIT_EXCEEDED``, ``OVERLOAD_LIMIT``, timeouts and connection errors are
+transient; every other error (``USER_ID_EMPTY``, unknown user, bad webhook) is permanent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from stages.notifications import Delivery, SendResult
+
+METHOD = "im.notify.personal.add"
+TRANSIENT_ERRORS = {"QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT", "INTERNAL_SERVER_ERROR",
+                    "ERROR_UNEXPECTED_ANSWER", "PORTAL_DELETED_TEMPORARILY"}
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; ``acquire`` waits for one."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.clock = clock
+        self.sleep = sleep
+        self.tokens = float(self.burst)
+        self.stamp = clock()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            self._refill()
+            while self.tokens < 1.0:
+                await self.sleep((1.0 - self.tokens) / self.rate)
+                self._refill()
+            self.tokens -= 1.0
+
+
+# One bucket per portal in this process, whatever channel objects point at it.
+_buckets: dict[tuple[str, float, int], TokenBucket] = {}
+
+
+def portal_bucket(webhook_url: str, rate: float, burst: int) -> TokenBucket:
+    key = (urlsplit(webhook_url).netloc.lower(), rate, burst)
+    bucket = _buckets.get(key)
+    if bucket is None:
+        bucket = _buckets[key] = TokenBucket(rate, burst)
+    return bucket
+
+
+def classify(status: int, body: Any) -> SendResult:
+    """An HTTP answer of the webhook → our verdict."""
+    if isinstance(body, dict) and "result" in body and "error" not in body and status < 400:
+        return SendResult.ok(str(body["result"]))
+    code = str(body.get("error", "")) if isinstance(body, dict) else ""
+    text = str(body.get("error_description", "")) if isinstance(body, dict) else ""
+    detail = f"HTTP {status} {code}: {text}".strip()[:500]
+    if status >= 500 or status == 429 or code in TRANSIENT_ERRORS:
+        return SendResult.transient(detail)
+    return SendResult.permanent(detail)
+
+
+class BitrixChannel:
+    kind = "bitrix"
+
+    def __init__(self, webhook_url: str, *, rate_per_s: float = 2.0, burst: int = 2,
+                 timeout_s: float = 10.0, client: httpx.AsyncClient | None = None,
+                 bucket: TokenBucket | None = None) -> None:
+        self.base = webhook_url.rstrip("/") + "/"
+        self.bucket = bucket or portal_bucket(webhook_url, rate_per_s, burst)
+        self.client = client or httpx.AsyncClient(timeout=timeout_s)
+
+    def available(self) -> bool:
+        return True
+
+    async def _call(self, method: str, payload: dict[str, Any]) -> tuple[int, Any]:
+        await self.bucket.acquire()
+        resp = await self.client.post(f"{self.base}{method}.json", json=payload)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {"error": "BAD_RESPONSE", "error_description": resp.text[:200]}
+        return resp.status_code, body
+
+    async def _send_one(self, d: Delivery) -> SendResult:
+        try:
+            status, body = await self._call(METHOD, {"USER_ID": d.address, "MESSAGE": d.message})
+        except httpx.TimeoutException as exc:
+            return SendResult.transient(f"timeout: {type(exc).__name__}")
+        except httpx.HTTPError as exc:
+            return SendResult.transient(f"{type(exc).__name__}: {exc}"[:500])
+        return classify(status, body)
+
+    async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
+        # Sequential: the portal's rate limit is the bottleneck, not latency.
+        return [await self._send_one(d) for d in deliveries]
+
+    async def ping(self) -> None:
+        """Readiness: the webhook answers a cheap method (``server.time``)."""
+        resp = await self.client.post(f"{self.base}server.time.json", json={})
+        body = resp.json()
+        if resp.status_code >= 400 or "error" in body:
+            raise RuntimeError(f"bitrix webhook: HTTP {resp.status_code} {body.get('error')}")
+
+    async def close(self) -> None:
+        await self.client.aclose()

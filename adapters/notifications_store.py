@@ -1,0 +1,265 @@
+"""PostgreSQL store of the notification route (implements ``NotificationStore``).
+
+- ``accept``: notifications and their outbox rows in one transaction.
+- ``claim_*``: due outbox rows, leased with ``FOR UPDATE SKIP LOCKED`` so that concurrent
+  dispatchers never take the same row; a lease that expires (the process died) makes the
+  row claimable again, so nothing accepted is lost (delivery is at-least-once).
+- ``finish_round``: a round's attempts, the new per-contact progress and either the next
+  due time or the final state, in one transaction.
+- idempotency keys per (subject, key) with a TTL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from stages.notifications import (
+    Attempt,
+    ContactProgress,
+    FinalState,
+    Job,
+    NotificationDraft,
+    RoundResult,
+    rfc3339_ms,
+)
+
+_CLAIM_COLUMNS = """
+    n.id::text AS id, n.contacts, n.message, n.strategy, n.subject_name, n.progress, o.round
+"""
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _ts(value: datetime | None) -> str | None:
+    return rfc3339_ms(value.timestamp()) if value is not None else None
+
+
+def _job(row: asyncpg.Record) -> Job:
+    progress = [ContactProgress.from_json(p) for p in _json(row["progress"]) or []]
+    contacts = _json(row["contacts"])
+    return Job(id=row["id"], contacts=contacts, message=row["message"], strategy=row["strategy"],
+               subject_name=row["subject_name"], round=row["round"],
+               progress=progress if len(progress) == len(contacts) else [])
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """``new``: go ahead (the key is now in flight for us); ``replay``: answer the stored
+    response; ``conflict``: same key, different body (422); ``in_flight``: 409."""
+
+    outcome: str
+    status: int | None = None
+    body: bytes | None = None
+
+
+class NotificationsStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def ping(self) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # --- accepting ------------------------------------------------------------------
+    async def accept(self, drafts: Sequence[NotificationDraft]) -> None:
+        rows = [
+            (d.id, d.subject_id, d.subject_name, json.dumps(d.contacts), d.message, d.is_immediate,
+             d.strategy, json.dumps([ContactProgress().to_json() for _ in d.contacts]),
+             datetime.fromtimestamp(d.created_at, UTC))
+            for d in drafts
+        ]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                "INSERT INTO notifications(id, subject_id, subject_name, contacts, message,"
+                " is_immediate, strategy, progress, created_at)"
+                " VALUES ($1::uuid, $2, $3, $4::jsonb, $5, $6, $7, $8::jsonb, $9)", rows)
+            await conn.executemany(
+                "INSERT INTO notification_outbox(notification_id, immediate) VALUES ($1::uuid, $2)",
+                [(d.id, d.is_immediate) for d in drafts])
+
+    # --- claiming -------------------------------------------------------------------
+    async def _claim(self, where: str, args: Sequence[Any], limit: int, lease_s: float) -> list[Job]:
+        sql = f"""
+            WITH picked AS (
+                SELECT notification_id FROM notification_outbox
+                 WHERE due_at <= now() AND (lease_until IS NULL OR lease_until < now()) AND {where}
+                 ORDER BY due_at
+                 LIMIT {int(limit)}
+                 FOR UPDATE SKIP LOCKED
+            ), leased AS (
+                UPDATE notification_outbox o
+                   SET lease_until = now() + make_interval(secs => {float(lease_s)})
+                  FROM picked WHERE o.notification_id = picked.notification_id
+                RETURNING o.notification_id, o.round
+            )
+            SELECT {_CLAIM_COLUMNS}
+              FROM leased o JOIN notifications n ON n.id = o.notification_id
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(sql, *args)
+            if rows:
+                await conn.execute(
+                    "UPDATE notifications SET state = 'processing', updated_at = now()"
+                    " WHERE id = ANY($1::uuid[]) AND state = 'accepted'", [r["id"] for r in rows])
+        return [_job(r) for r in rows]
+
+    async def claim_ids(self, ids: Sequence[str], lease_s: float) -> list[Job]:
+        """The given notifications, if they are due and nobody holds them."""
+        if not ids:
+            return []
+        return await self._claim("notification_id = ANY($1::uuid[])", [list(ids)], len(ids), lease_s)
+
+    async def claim_urgent(self, limit: int, lease_s: float) -> list[Job]:
+        """Immediate notifications (whose hand-off was lost or whose process died) and
+        retries that are due."""
+        return await self._claim("(immediate OR round > 0)", [], limit, lease_s)
+
+    async def claim_queued(self, limit: int, lease_s: float) -> list[Job]:
+        """Queued notifications never tried yet: the batch flush."""
+        return await self._claim("(NOT immediate AND round = 0)", [], limit, lease_s)
+
+    # --- recording ------------------------------------------------------------------
+    async def finish_round(self, results: Sequence[RoundResult]) -> None:
+        if not results:
+            return
+        attempts: list[Attempt] = [a for r in results for a in r.attempts]
+        async with self.pool.acquire() as conn, conn.transaction():
+            if attempts:
+                await conn.executemany(
+                    "INSERT INTO notification_attempts(notification_id, contact_index, channel,"
+                    " attempt, status, detail, duration_ms) VALUES ($1::uuid, $2, $3, $4, $5, $6, $7)",
+                    [(a.notification_id, a.contact_index, a.channel, a.attempt, a.status.value,
+                      a.detail, a.duration_s * 1000.0) for a in attempts])
+            await conn.executemany(
+                "UPDATE notifications SET progress = $2::jsonb, updated_at = now(),"
+                " state = COALESCE($3, state), finished_at = CASE WHEN $3::text IS NULL"
+                " THEN NULL ELSE now() END WHERE id = $1::uuid",
+                [(r.job.id, json.dumps([p.to_json() for p in r.job.progress]),
+                  r.final.value if r.final else None) for r in results])
+            done = [r.job.id for r in results if r.final is not None]
+            if done:
+                await conn.execute("DELETE FROM notification_outbox WHERE notification_id = ANY($1::uuid[])",
+                                   done)
+            later = [(r.job.id, r.job.round, r.retry_in_s) for r in results if r.final is None]
+            if later:
+                await conn.executemany(
+                    "UPDATE notification_outbox SET round = $2, lease_until = NULL,"
+                    " due_at = now() + make_interval(secs => $3::float8)"
+                    " WHERE notification_id = $1::uuid", later)
+
+    async def release(self, ids: Sequence[str]) -> None:
+        """Give claimed rows back (a round could not run): claimable again at once."""
+        await self.pool.execute(
+            "UPDATE notification_outbox SET lease_until = NULL WHERE notification_id = ANY($1::uuid[])",
+            list(ids))
+
+    # --- reading --------------------------------------------------------------------
+    async def get(self, notification_id: str) -> dict[str, Any] | None:
+        """The notification as the API shows it, with its attempts per contact."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT n.*, o.round AS out_round, o.due_at AS next_at FROM notifications n"
+                " LEFT JOIN notification_outbox o ON o.notification_id = n.id WHERE n.id = $1::uuid",
+                notification_id)
+            if row is None:
+                return None
+            attempts = await conn.fetch(
+                "SELECT contact_index, channel, attempt, status, detail, duration_ms, at"
+                " FROM notification_attempts WHERE notification_id = $1::uuid ORDER BY id",
+                notification_id)
+        contacts = _json(row["contacts"])
+        progress = [ContactProgress.from_json(p) for p in _json(row["progress"]) or []]
+        channels = []
+        for i, c in enumerate(contacts):
+            p = progress[i] if i < len(progress) else ContactProgress()
+            channels.append({
+                "contact": c, "status": p.status.value, "attempts": [
+                    {"attempt": a["attempt"], "channel": a["channel"], "status": a["status"],
+                     "detail": a["detail"], "durationMs": round(a["duration_ms"], 1),
+                     "at": _ts(a["at"])}
+                    for a in attempts if a["contact_index"] == i],
+            })
+        subject: dict[str, Any] = {"id": row["subject_id"]}
+        if row["subject_name"]:
+            subject["name"] = row["subject_name"]
+        return {
+            "id": str(row["id"]), "state": row["state"], "createdAt": _ts(row["created_at"]),
+            "updatedAt": _ts(row["updated_at"]), "finishedAt": _ts(row["finished_at"]),
+            "nextAttemptAt": _ts(row["next_at"]) if row["state"] not in
+            {s.value for s in FinalState} else None,
+            "contacts": contacts, "message": row["message"], "isImmediate": row["is_immediate"],
+            "strategy": row["strategy"], "subject": subject, "channels": channels,
+        }
+
+    async def owner_of(self, notification_id: str) -> str | None:
+        return await self.pool.fetchval(  # type: ignore[no-any-return]
+            "SELECT subject_id FROM notifications WHERE id = $1::uuid", notification_id)
+
+    async def stats(self) -> dict[str, float]:
+        row = await self.pool.fetchrow(
+            "SELECT count(*) AS pending,"
+            " COALESCE(EXTRACT(EPOCH FROM now() - min(n.created_at)), 0) AS oldest"
+            " FROM notification_outbox o JOIN notifications n ON n.id = o.notification_id")
+        assert row is not None
+        return {"pending": float(row["pending"]), "oldestAgeS": float(row["oldest"])}
+
+    # --- idempotency ----------------------------------------------------------------
+    async def idempotency_begin(self, subject_id: str, key: str, request_hash: str,
+                                ttl_s: float, lease_s: float) -> IdempotencyClaim:
+        """Claim a key for this request, or say what to answer instead.
+
+        A key in flight longer than ``lease_s`` belonged to a request that never finished
+        (its process died): it is taken over. Expired keys are replaced."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "INSERT INTO notification_idempotency(subject_id, key, request_hash, lease_until,"
+                " expires_at) VALUES ($1, $2, $3, now() + make_interval(secs => $4::float8),"
+                " now() + make_interval(secs => $5::float8))"
+                " ON CONFLICT (subject_id, key) DO NOTHING RETURNING key",
+                subject_id, key, request_hash, lease_s, ttl_s)
+            if row is not None:
+                return IdempotencyClaim("new")
+            old = await conn.fetchrow(
+                "SELECT request_hash, status, response_status, response_body,"
+                " expires_at < now() AS expired, lease_until < now() AS abandoned"
+                " FROM notification_idempotency WHERE subject_id = $1 AND key = $2 FOR UPDATE",
+                subject_id, key)
+            if old is None:  # removed meanwhile (a failed request released it)
+                return IdempotencyClaim("in_flight")
+            if old["expired"] or (old["status"] == "in_flight" and old["abandoned"]
+                                  and old["request_hash"] == request_hash):
+                await conn.execute(
+                    "UPDATE notification_idempotency SET request_hash = $3, status = 'in_flight',"
+                    " response_status = NULL, response_body = NULL, created_at = now(),"
+                    " lease_until = now() + make_interval(secs => $4::float8),"
+                    " expires_at = now() + make_interval(secs => $5::float8)"
+                    " WHERE subject_id = $1 AND key = $2", subject_id, key, request_hash, lease_s, ttl_s)
+                return IdempotencyClaim("new")
+            if old["request_hash"] != request_hash:
+                return IdempotencyClaim("conflict")
+            if old["status"] != "done":
+                return IdempotencyClaim("in_flight")
+            return IdempotencyClaim("replay", old["response_status"], bytes(old["response_body"]))
+
+    async def idempotency_finish(self, subject_id: str, key: str, status: int, body: bytes) -> None:
+        await self.pool.execute(
+            "UPDATE notification_idempotency SET status = 'done', response_status = $3,"
+            " response_body = $4 WHERE subject_id = $1 AND key = $2", subject_id, key, status, body)
+
+    async def idempotency_release(self, subject_id: str, key: str) -> None:
+        """The request failed before anything was stored: the key may be used again."""
+        await self.pool.execute(
+            "DELETE FROM notification_idempotency WHERE subject_id = $1 AND key = $2 AND"
+            " status = 'in_flight'", subject_id, key)
+
+    async def purge_expired(self) -> int:
+        done = await self.pool.execute("DELETE FROM notification_idempotency WHERE expires_at < now()")
+        return int(done.split()[-1])

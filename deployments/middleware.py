@@ -1,0 +1,243 @@
+"""HTTP middleware as plain ASGI callables (WebSocket scopes pass through untouched).
+
+``wrap(app, ...)`` stacks them, outermost first:
+
+1. ``AccessLog`` — one JSON log line per request: method, path, status, duration, trace id
+   (taken from ``X-Request-Id`` / ``traceparent`` or made up, returned as ``X-Trace-Id``).
+2. ``ErrorHandler`` — an exception that escaped the app becomes a 500 in the endpoint's
+   error shape (if nothing was sent yet).
+3. ``Timeout`` — a request still running after ``timeout_s`` is cancelled and answered 504.
+4. ``BodyLimit`` — a body over ``max_bytes`` is answered 413 (by ``Content-Length`` up
+   front, or while it streams in).
+
+Error bodies under ``/v1/notifications`` follow that API's contract
+(``{"error": "HTTP 504 Gateway Timeout", "message": ...}``); elsewhere the protocol's
+``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+access_log = logging.getLogger("conveyor.access")
+log = logging.getLogger("conveyor.http")
+NOTIFICATION_PREFIX = "/v1/notifications"
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+MESSAGES_RU = {
+    400: "Некорректный запрос",
+    404: "Ресурс не найден",
+    405: "Метод не поддерживается",
+    413: "Тело запроса слишком велико",
+    500: "Внутренняя ошибка сервера",
+    504: "Превышено время обработки запроса",
+}
+
+
+def error_body(path: str, status: int, code: str, message: str | None = None) -> bytes:
+    phrase = HTTPStatus(status).phrase
+    if path.startswith(NOTIFICATION_PREFIX):
+        text = message or MESSAGES_RU.get(status, phrase)
+        return orjson.dumps({"error": f"HTTP {status} {phrase}", "message": text, "code": code})
+    return orjson.dumps({"error": {"code": code, "message": message or phrase}})
+
+
+async def send_error(send: Send, scope: Scope, status: int, code: str, message: str | None = None
+                     ) -> None:
+    body = error_body(scope.get("path", ""), status, code, message)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def trace_id_of(scope: Scope) -> str:
+    headers = dict(scope.get("headers") or [])
+    rid = headers.get(b"x-request-id")
+    if rid and 0 < len(rid) <= 128:
+        return rid.decode("latin-1")
+    tp = headers.get(b"traceparent")
+    if tp:
+        m = _TRACEPARENT.match(tp.decode("latin-1").strip())
+        if m:
+            return m.group(1)
+    return uuid.uuid4().hex
+
+
+class AccessLog:
+    def __init__(self, app: ASGIApp, logger: logging.Logger = access_log) -> None:
+        self.app = app
+        self.logger = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        trace = trace_id_of(scope)
+        scope.setdefault("state", {})["trace_id"] = trace
+        status = 500
+        t0 = time.perf_counter()
+
+        async def wrapped(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-trace-id", trace.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, wrapped)
+        finally:
+            self.logger.info(orjson.dumps({
+                "event": "http_request", "method": scope.get("method"), "path": scope.get("path"),
+                "status": status, "durationMs": round((time.perf_counter() - t0) * 1000, 2),
+                "traceId": trace,
+            }).decode())
+
+
+class ErrorHandler:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def wrapped(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, wrapped)
+        except Exception:
+            log.exception("unhandled error on %s %s (trace %s)", scope.get("method"),
+                          scope.get("path"), scope.get("state", {}).get("trace_id"))
+            if not started:
+                await send_error(send, scope, 500, "internal")
+
+
+class Timeout:
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.timeout_s <= 0:
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def wrapped(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, wrapped), self.timeout_s)
+        except TimeoutError:
+            log.warning("timeout after %.1fs on %s %s", self.timeout_s, scope.get("method"),
+                        scope.get("path"))
+            if not started:
+                await send_error(send, scope, 504, "timeout")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.max_bytes <= 0:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await send_error(send, scope, 413, "too_large")
+            return
+        seen = 0
+        started = False
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        async def wrapped(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited, wrapped)
+        except BodyTooLarge:
+            if not started:
+                await send_error(send, scope, 413, "too_large")
+
+
+class Exempt:
+    """Routes ``paths`` starting with one of ``prefixes`` around ``guarded`` to ``app``."""
+
+    def __init__(self, guarded: ASGIApp, app: ASGIApp, prefixes: tuple[str, ...]) -> None:
+        self.guarded = guarded
+        self.app = app
+        self.prefixes = prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        target = self.app if scope.get("path", "").startswith(self.prefixes) else self.guarded
+        await target(scope, receive, send)
+
+
+# Object uploads stream large bodies for longer than an API call may take; they have
+# their own limit (attachment_max_bytes).
+LONG_PATHS = ("/v1/uploads/",)
+
+
+def wrap(app: ASGIApp, *, timeout_s: float, max_body_bytes: int,
+         exempt: tuple[str, ...] = LONG_PATHS) -> ASGIApp:
+    guarded = Timeout(BodyLimit(app, max_body_bytes), timeout_s)
+    return AccessLog(ErrorHandler(Exempt(guarded, app, exempt) if exempt else guarded))
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    """Starlette exception handler for 404/405: the JSON error shapes above."""
+    status = getattr(exc, "status_code", 404)
+    code = "not_found" if status == 404 else "method_not_allowed"
+    return Response(error_body(request.url.path, status, code), status_code=status,
+                    media_type="application/json")
+
+
+EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    404: not_found, 405: not_found,
+}

@@ -1,0 +1,294 @@
+"""The OpenAPI 3.1 document of the notification API and Swagger UI served from local assets.
+
+No CDN: the Swagger UI files come from the ``swagger-ui-bundle`` package installed with
+Conveyor, so ``/api-docs`` works on machines without internet access.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from deployments.http import json_response
+from stages.notifications import MAX_CONTACTS, MAX_ITEMS, MAX_MESSAGE_CHARS, STRATEGIES
+
+REF = "#/components/schemas/"
+
+SINGLE_EXAMPLE = {
+    "contacts": [{"type": "email", "value": "user@example.com"}],
+    "message": "Привет!",
+    "isImmediate": False,
+    "strategy": "send_to_first_available",
+}
+FULL_EXAMPLE = {
+    "contacts": [{"type": "email", "value": "user@company.com"}, {"type": "bitrix", "value": 12345}],
+    "message": "Ваш заказ №12345 готов к выдаче",
+    "isImmediate": True,
+    "strategy": "send_to_first_available",
+}
+ARRAY_EXAMPLE = [
+    {"contacts": [{"type": "email", "value": "user1@example.com"}], "message": "Привет, user1!",
+     "isImmediate": True},
+    {"contacts": [{"type": "bitrix", "value": 12345}], "message": "Привет, user2!",
+     "strategy": "send_to_all_available"},
+]
+TOO_SMALL = {"code": "too_small", "message": "List must contain at least 1 element(s)",
+             "path": ["contacts"]}
+MULTI_STATUS_EXAMPLE = {
+    "message": "Уведомления приняты частично: 2 принято, 1 отклонено",
+    "totalCount": 3, "acceptedCount": 2, "rejectedCount": 1,
+    "details": [
+        {"status": "success", "notification": {
+            "id": "0b3f6c1e-8d2a-4f4b-9a53-1c2d3e4f5a6b", "createdAt": "2025-12-14T12:00:00.000Z",
+            "contacts": [{"type": "email", "value": "ok@ok.com"}], "message": "Hi",
+            "isImmediate": True, "strategy": "send_to_first_available",
+            "subject": {"id": "user-123"}}},
+        {"status": "failure", "notification": {"contacts": [], "message": ""}, "error": [TOO_SMALL]},
+    ],
+}
+BAD_REQUEST_EXAMPLE = {
+    "error": "HTTP 400 Bad Request",
+    "message": "Ни одно уведомление не прошло валидацию",
+    "details": [{"item": {"contacts": [], "message": ""}, "error": [TOO_SMALL]}],
+}
+
+
+def _problem(description: str, example: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {
+        "schema": {"$ref": REF + "Problem"}, "example": example}}}
+
+
+def document() -> dict[str, Any]:
+    contact_common = {"type": "object", "additionalProperties": False, "required": ["type", "value"]}
+    schemas: dict[str, Any] = {
+        "EmailContact": {**contact_common, "properties": {
+            "type": {"const": "email"},
+            "value": {"type": "string", "format": "email", "examples": ["user@company.com"]}}},
+        "BitrixContact": {**contact_common, "properties": {
+            "type": {"const": "bitrix"},
+            "value": {"type": "integer", "exclusiveMinimum": 0, "examples": [12345],
+                      "description": "Bitrix24 user id."}}},
+        "Contact": {
+            "description": "A way to reach the recipient.",
+            "oneOf": [{"$ref": REF + "EmailContact"}, {"$ref": REF + "BitrixContact"}],
+            "discriminator": {"propertyName": "type", "mapping": {
+                "email": REF + "EmailContact", "bitrix": REF + "BitrixContact"}},
+        },
+        "Strategy": {"type": "string", "enum": list(STRATEGIES), "default": STRATEGIES[0],
+                     "description": "send_to_first_available: the first working channel, stop on "
+                                    "success; send_to_all_available: every working channel."},
+        "IncomingNotification": {
+            "type": "object", "additionalProperties": False, "required": ["contacts", "message"],
+            "description": "One notification for one recipient. `id` and `subject` are set by "
+                           "the server and may not be sent.",
+            "properties": {
+                "contacts": {"type": "array", "minItems": 1, "maxItems": MAX_CONTACTS,
+                             "items": {"$ref": REF + "Contact"}},
+                "message": {"type": "string", "minLength": 1, "maxLength": MAX_MESSAGE_CHARS},
+                "isImmediate": {"type": "boolean", "default": False},
+                "strategy": {"$ref": REF + "Strategy"},
+            },
+            "examples": [FULL_EXAMPLE],
+        },
+        "Subject": {"type": "object", "required": ["id"], "properties": {
+            "id": {"type": "string"}, "name": {"type": "string"}}},
+        "Notification": {
+            "type": "object",
+            "required": ["id", "createdAt", "contacts", "message", "isImmediate", "strategy", "subject"],
+            "properties": {
+                "id": {"type": "string", "format": "uuid"},
+                "createdAt": {"type": "string", "format": "date-time"},
+                "contacts": {"type": "array", "items": {"$ref": REF + "Contact"}},
+                "message": {"type": "string"},
+                "isImmediate": {"type": "boolean"},
+                "strategy": {"$ref": REF + "Strategy"},
+                "subject": {"$ref": REF + "Subject"},
+            },
+        },
+        "ValidationIssue": {"type": "object", "required": ["code", "message", "path"], "properties": {
+            "code": {"type": "string", "enum": ["too_small", "too_big", "invalid_type",
+                                                "invalid_enum_value", "invalid_string",
+                                                "unrecognized_keys"]},
+            "message": {"type": "string"},
+            "path": {"type": "array", "items": {"type": ["string", "integer"]}}}},
+        "ItemResult": {"oneOf": [
+            {"type": "object", "required": ["status", "notification"], "properties": {
+                "status": {"const": "success"}, "notification": {"$ref": REF + "Notification"}}},
+            {"type": "object", "required": ["status", "notification", "error"], "properties": {
+                "status": {"const": "failure"}, "notification": {},
+                "error": {"type": "array", "items": {"$ref": REF + "ValidationIssue"}}}},
+        ]},
+        "AcceptResult": {"type": "object",
+                         "required": ["message", "totalCount", "acceptedCount", "rejectedCount", "details"],
+                         "properties": {
+                             "message": {"type": "string"}, "totalCount": {"type": "integer"},
+                             "acceptedCount": {"type": "integer"}, "rejectedCount": {"type": "integer"},
+                             "details": {"type": "array", "items": {"$ref": REF + "ItemResult"}}}},
+        "Problem": {"type": "object", "required": ["error", "message"], "properties": {
+            "error": {"type": "string", "examples": ["HTTP 400 Bad Request"]},
+            "message": {"type": "string"}, "code": {"type": "string"},
+            "details": {"type": "array", "items": {"type": "object", "properties": {
+                "item": {}, "error": {"type": "array", "items": {"$ref": REF + "ValidationIssue"}}}}}}},
+        "Attempt": {"type": "object", "properties": {
+            "attempt": {"type": "integer"}, "channel": {"type": "string"},
+            "status": {"type": "string", "enum": ["delivered", "transient", "permanent", "unavailable"]},
+            "detail": {"type": ["string", "null"]}, "durationMs": {"type": "number"},
+            "at": {"type": "string", "format": "date-time"}}},
+        "NotificationStatus": {"allOf": [{"$ref": REF + "Notification"}, {"type": "object", "properties": {
+            "state": {"type": "string", "enum": ["accepted", "processing", "delivered",
+                                                 "partially_delivered", "failed"]},
+            "channels": {"type": "array", "items": {"type": "object", "properties": {
+                "contact": {"$ref": REF + "Contact"},
+                "status": {"type": "string", "enum": ["pending", "delivered", "failed", "skipped"]},
+                "attempts": {"type": "array", "items": {"$ref": REF + "Attempt"}}}}}}}]},
+    }
+    request_schema = {"oneOf": [
+        {"$ref": REF + "IncomingNotification"},
+        {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS,
+         "items": {"$ref": REF + "IncomingNotification"}},
+    ]}
+    auth_error = _problem("Missing, invalid or expired JWT.",
+                          {"error": "HTTP 401 Unauthorized", "message": "token has expired",
+                           "code": "token_expired"})
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Conveyor notifications", "version": "1.0.0",
+                 "description": "Accepts notifications (one or 1..100) and delivers them by e-mail "
+                                "and Bitrix24. The API reports validation and acceptance, not "
+                                "delivery; `GET /v1/notifications/{id}` shows delivery."},
+        "servers": [{"url": "/"}],
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        },
+        "paths": {
+            "/v1/notifications": {"post": {
+                "operationId": "createNotifications",
+                "summary": "Accept one notification or an array of 1..100",
+                "security": [{"bearerAuth": []}],
+                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                "schema": {"type": "string", "maxLength": 255},
+                                "description": "Per subject, 24 h: a repeat with the same body gets "
+                                               "the same response and sends nothing twice."}],
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": request_schema,
+                    "examples": {
+                        "single": {"summary": "One notification", "value": SINGLE_EXAMPLE},
+                        "full": {"summary": "Two contacts, immediate", "value": FULL_EXAMPLE},
+                        "array": {"summary": "Array of notifications", "value": ARRAY_EXAMPLE},
+                    }}}},
+                "responses": {
+                    "202": {"description": "Every notification is valid and accepted.",
+                            "content": {"application/json": {"schema": {"$ref": REF + "AcceptResult"}}}},
+                    "207": {"description": "Some notifications were accepted, some rejected.",
+                            "content": {"application/json": {"schema": {"$ref": REF + "AcceptResult"},
+                                                             "example": MULTI_STATUS_EXAMPLE}}},
+                    "400": _problem("No notification passed validation (or the body is not JSON, "
+                                    "or the array is empty or longer than 100).", BAD_REQUEST_EXAMPLE),
+                    "401": auth_error,
+                    "403": _problem("The token lacks the required role.",
+                                    {"error": "HTTP 403 Forbidden",
+                                     "message": "role 'notifications:send' is required"}),
+                    "409": _problem("A request with this Idempotency-Key is still in flight.",
+                                    {"error": "HTTP 409 Conflict", "message": "..."}),
+                    "413": _problem("The body is too large.",
+                                    {"error": "HTTP 413 Content Too Large", "message": "..."}),
+                    "422": _problem("The Idempotency-Key was used with another body.",
+                                    {"error": "HTTP 422 Unprocessable Content", "message": "..."}),
+                    "500": _problem("Internal error (a dependency failed).",
+                                    {"error": "HTTP 500 Internal Server Error",
+                                     "message": "Внутренняя ошибка сервера"}),
+                    "504": _problem("The request took too long.",
+                                    {"error": "HTTP 504 Gateway Timeout",
+                                     "message": "Превышено время обработки запроса"}),
+                },
+            }},
+            "/v1/notifications/{id}": {"get": {
+                "operationId": "getNotification",
+                "summary": "State and attempts per channel (only for the subject that created it)",
+                "security": [{"bearerAuth": []}],
+                "parameters": [{"name": "id", "in": "path", "required": True,
+                                "schema": {"type": "string", "format": "uuid"}}],
+                "responses": {
+                    "200": {"description": "The notification.", "content": {"application/json": {
+                        "schema": {"$ref": REF + "NotificationStatus"}}}},
+                    "401": auth_error,
+                    "404": _problem("No such notification for this subject.",
+                                    {"error": "HTTP 404 Not Found", "message": "Уведомление не найдено"}),
+                },
+            }},
+            "/health/live": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Up."}}}},
+            "/health/ready": {"get": {"summary": "Readiness of every dependency", "responses": {
+                "200": {"description": "Ready."}, "503": {"description": "A dependency is down."}}}},
+        },
+    }
+
+
+def swagger_assets() -> Path:
+    from swagger_ui_bundle import swagger_ui_path
+
+    return Path(str(swagger_ui_path))
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="UTF-8">
+  <title>Conveyor notifications API</title>
+  <link rel="stylesheet" type="text/css" href="/api-docs/swagger-ui.css">
+  <link rel="icon" type="image/png" href="/api-docs/favicon-32x32.png" sizes="32x32">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/api-docs/swagger-ui-bundle.js"></script>
+  <script src="/api-docs/swagger-ui-standalone-preset.js"></script>
+  <script src="/api-docs/init.js"></script>
+</body>
+</html>
+"""
+INIT_JS = """window.onload = function () {
+  window.ui = SwaggerUIBundle({
+    url: "/openapi.json",
+    dom_id: "#swagger-ui",
+    deepLinking: true,
+    validatorUrl: null,
+    presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+    layout: "StandaloneLayout"
+  });
+};
+"""
+ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js",
+          "favicon-32x32.png", "favicon-16x16.png"}
+
+
+async def openapi_json(request: Request) -> Response:
+    return json_response(document())
+
+
+async def docs_page(request: Request) -> Response:
+    return HTMLResponse(PAGE)
+
+
+async def docs_asset(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name == "init.js":
+        return Response(INIT_JS, media_type="text/javascript")
+    if name not in ASSETS:
+        return json_response({"error": {"code": "not_found", "message": "no such asset"}}, 404)
+    path = swagger_assets() / name
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return Response(path.read_bytes(), media_type=media,
+                    headers={"Cache-Control": "public, max-age=86400"})
+
+
+def docs_routes() -> list[BaseRoute]:
+    return [
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/api-docs", docs_page, methods=["GET"]),
+        Route("/api-docs/{name}", docs_asset, methods=["GET"]),
+    ]
