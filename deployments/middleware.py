@@ -238,6 +238,12 @@ async def not_found(request: Request, exc: Exception) -> Response:
                     media_type="application/json")
 
 
+async def server_error(request: Request, exc: Exception) -> Response:
+    """Starlette's last-resort handler answers plain text; this gives the JSON shape."""
+    return Response(error_body(request.url.path, 500, "internal"), status_code=500,
+                    media_type="application/json")
+
+
 EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
-    404: not_found, 405: not_found,
+    404: not_found, 405: not_found, Exception: server_error,
 }

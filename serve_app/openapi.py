@@ -197,7 +197,7 @@ def document() -> dict[str, Any]:
                     "409": _problem("A request with this Idempotency-Key is still in flight.",
                                     {"error": "HTTP 409 Conflict", "message": "..."}),
                     "413": _problem("The body is too large.",
-                                    {"error": "HTTP 413 Content Too Large", "message": "..."}),
+                                    {"error": "HTTP 413 Request Entity Too Large", "message": "..."}),
                     "422": _problem("The Idempotency-Key was used with another body.",
                                     {"error": "HTTP 422 Unprocessable Content", "message": "..."}),
                     "500": _problem("Internal error (a dependency failed).",
