@@ -8,10 +8,11 @@ connection; each gateway replica pulls its mailbox. This doubles as the presence
 
 Guarantees: best-effort, at-most-once per publish. A frame for a user with no live
 connection is dropped (durable types are replayed from the store on reconnect). A mailbox
-over ``mailbox_limit`` sheds its oldest frames (counted). A gateway replica that has not
-pulled for ``gateway_ttl_s`` is presumed dead and its connections are removed. If a hub
-actor restarts, its state is empty: each gateway notices (``pull`` returns None) and
-attaches its live connections again.
+over ``mailbox_limit`` sheds its oldest frames (counted) and the next ``pull`` starts with
+a ``RESYNC`` item, so the gateway re-reads what its sockets may have missed from the store.
+A gateway replica that has not pulled for ``gateway_ttl_s`` is presumed dead and its
+connections are removed. If a hub actor restarts, its state is empty: each gateway notices
+(``pull`` returns None), attaches its live connections again and re-reads from the store.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import ray
 from cluster.sharding import named_actor, shard_of
 
 Delivery = tuple[Sequence[str], dict[str, Any]]
+RESYNC: Delivery = ((), {"type": "_resync"})
 
 
 @dataclass
@@ -36,6 +38,7 @@ class _Gateway:
     conns: dict[str, str] = field(default_factory=dict)  # connection id -> user id
     mailbox: list[Delivery] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: bool = False  # frames were shed since the last pull
 
 
 @ray.remote
@@ -129,6 +132,7 @@ class ConnectionHub:
                 over = len(gw.mailbox) - self.mailbox_limit
                 del gw.mailbox[:over]
                 self.shed += over
+                gw.lost = True
             gw.wake.set()
         self.published += len(deliveries)
         self.routed += routed
@@ -150,6 +154,9 @@ class ConnectionHub:
             if self.gateways.get(gateway) is not gw:
                 return None
         out, gw.mailbox = gw.mailbox, []
+        if gw.lost:
+            gw.lost = False
+            out.insert(0, RESYNC)
         gw.last_seen = time.time()
         return out
 

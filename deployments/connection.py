@@ -122,6 +122,15 @@ class Connection:
             if p.last_seq > p.delivered_seq:
                 self.catch_up(p.chat_id)
 
+    def resync(self, pointers: list[Any]) -> None:
+        """Frames for this socket may have been lost upstream: re-read every chat from the
+        store (already-sent seqs are skipped, so this only fills holes)."""
+        for p in pointers:
+            if p.chat_id not in self.chats:
+                self.chats[p.chat_id] = ChatState(p.delivered_seq, p.delivered_seq)
+            if p.last_seq > self.chats[p.chat_id].upto:
+                self.catch_up(p.chat_id)
+
     def on_receipt(self, message_ids: list[str]) -> dict[str, float]:
         """Apply a receipt locally; returns stored-to-receipt latency per known id."""
         now = time.time()

@@ -381,8 +381,12 @@ class Gateway:
                 conns = [(c.id, c.user_id) for c in self.connections.values()
                          if self.hub.shard(c.user_id) == shard]
                 await guarded(actor.attach.remote(self.replica_id, conns), "hub re-attach")
+                await self._resync(shard)
                 continue
             for users, frame in got:
+                if frame.get("type") == "_resync":
+                    await self._resync(shard)
+                    continue
                 if frame.get("type") in ORDERED_FRAMES:
                     origin = frame.get("_origin")
                     clean = {k: v for k, v in frame.items() if k != "_origin"}
@@ -393,6 +397,15 @@ class Gateway:
                     for user in users:
                         for conn in self.by_user.get(user, ()):
                             conn.send(frame)
+
+    async def _resync(self, shard: int) -> None:
+        """Frames from this hub shard may have been lost: re-read from the store."""
+        conns = [c for c in self.connections.values() if self.hub.shard(c.user_id) == shard]
+        log.info("resync of %d connections after a hub restart or shed frames", len(conns))
+        for conn in conns:
+            pointers = await guarded(self.store.pointers(conn.user_id), "resync pointers")
+            if pointers:
+                conn.resync(pointers)
 
     async def _redelivery_loop(self) -> None:
         while True:
