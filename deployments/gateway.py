@@ -124,6 +124,7 @@ class Gateway:
                          "notices": GatewayNotices(self),
                          "analytics": MetricsAnalytics(self.metrics.recorder)},
             observer=self.metrics.observe_stage,
+            call_timeout_s=self.settings.stage_call_timeout_s,
         )
         self.costs = {t: self.settings.credit_costs.get(t, self.services.resolver.spec(t).cost)
                       for t in self.services.resolver.types}

@@ -34,8 +34,10 @@ class PipelineRunner:
         handles: Mapping[str, Any],
         local_ports: Mapping[str, Any],
         observer: Callable[[str, float, int], None] | None = None,
+        call_timeout_s: float = 30.0,
     ) -> None:
         self.observer = observer
+        self.call_timeout_s = call_timeout_s
         self.resolver = resolver
         self.registry = registry
         self.hosts = hosts
@@ -68,7 +70,9 @@ class PipelineRunner:
             if host == LOCAL:
                 results = await self._local_pipeline(type_name, route, start, stop).run(items)
             else:
-                results = await self.handles[host].run.remote(type_name, route, start, stop, items)
+                results = await asyncio.wait_for(
+                    self.handles[host].run.remote(type_name, route, start, stop, items),
+                    self.call_timeout_s)
             for i, r in zip(live, results, strict=True):
                 outcomes[i] = r
         return outcomes

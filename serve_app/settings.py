@@ -31,11 +31,6 @@ class Settings(BaseSettings):
         description="PostgreSQL DSN. Unset: an embedded PostgreSQL under data_dir is started.")
     db_pool_min: int = 1
     db_pool_max: int = Field(default=4, description="asyncpg pool size per replica.")
-    redis_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("REDIS_URL", "CONVEYOR_REDIS_URL", "redis_url"))
-    kafka_bootstrap: str | None = Field(
-        default=None,
-        validation_alias=AliasChoices("KAFKA_BOOTSTRAP", "CONVEYOR_KAFKA_BOOTSTRAP", "kafka_bootstrap"))
 
     # --- pipelines ---------------------------------------------------------------------
     pipelines_file: Path | None = Field(
@@ -84,14 +79,14 @@ class Settings(BaseSettings):
     credit_capacity: int = Field(default=100, description="Credits a user's bucket holds.")
     credit_refill: int = Field(default=100, description="Credits returned every interval.")
     credit_interval_s: float = Field(default=10.0, description="Refill interval.")
-    credit_low_water: int = Field(default=10, description="Below this a credits_low frame is sent.")
     credit_costs: dict[str, int] = Field(default_factory=dict, description=(
         "Cost per message type, overriding pipelines.yaml (e.g. {\"chat\": 1, \"signal\": 0})."))
     credit_shards: int = 1
     dedup_shards: int = 1
     signal_dedup_ttl_s: float = Field(default=60.0, description="How long a signal id is remembered.")
     metrics_push_s: float = Field(default=2.0, description="How often processes push metrics.")
-    stage_call_timeout_s: float = 30.0
+    stage_call_timeout_s: float = Field(default=30.0, description=(
+        "A stage host call slower than this fails the batch (durable batches are retried)."))
 
     # --- attachments -------------------------------------------------------------------
     s3_endpoint: str | None = Field(default=None, description=(
