@@ -121,7 +121,7 @@ async def portal() -> AsyncIterator[tuple[FakePortal, str]]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="off"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
         await asyncio.sleep(0.01)
     yield fake, f"http://127.0.0.1:{port}/rest/1/s3cr3t/"
     server.should_exit = True
@@ -138,7 +138,8 @@ def draft(contacts: list[dict[str, Any]], immediate: bool = False, strategy: str
 # --- store ------------------------------------------------------------------------------------
 async def test_accept_stores_notifications_with_outbox_entries(db_pool: asyncpg.Pool) -> None:
     store = NotificationsStore(db_pool)
-    a, b = draft([{"type": "email", "value": "a@b.co"}], immediate=True), draft([{"type": "bitrix", "value": 1}])
+    a = draft([{"type": "email", "value": "a@b.co"}], immediate=True)
+    b = draft([{"type": "bitrix", "value": 1}])
     await store.accept([a, b])
     assert await db_pool.fetchval("SELECT count(*) FROM notification_outbox") == 2
     with pytest.raises(asyncpg.UniqueViolationError):
@@ -307,7 +308,7 @@ async def test_queued_notifications_are_flushed_in_batches_and_recorded(
 
 async def test_immediate_first_available_falls_back_to_bitrix_and_retries(
         db_pool: asyncpg.Pool, smtp_server: tuple[Sink, int], portal: tuple[FakePortal, str]) -> None:
-    sink, port = smtp_server
+    _, port = smtp_server
     fake, url = portal
     store = NotificationsStore(db_pool)
     smtp = SmtpChannel("127.0.0.1", port, mail_from="noreply@conveyor.test", subject="s")
@@ -366,4 +367,5 @@ async def test_background_loops_deliver_kicked_notifications(db_pool: asyncpg.Po
     assert (await store.get(d.id) or {})["state"] == "delivered"
     attempts = await db_pool.fetch("SELECT status FROM notification_attempts")
     assert [a["status"] for a in attempts] == ["delivered"]
-    assert json.loads(await db_pool.fetchval("SELECT progress FROM notifications"))[0]["status"] == "delivered"
+    progress = json.loads(await db_pool.fetchval("SELECT progress FROM notifications"))
+    assert progress[0]["status"] == "delivered"
