@@ -57,7 +57,7 @@ def serve(dsn: str, data_dir: str, port: int) -> None:
 
         pool = await open_pool(dsn, 2, 8)
         await migrate(pool)
-        app, api, _, _ = await build_api(pool, Path(data_dir))
+        _, api, _, _ = await build_api(pool, Path(data_dir))
         from deployments.middleware import EXCEPTION_HANDLERS, wrap
 
         return wrap(Starlette(routes=[*api.routes(), Route("/bench/trivial", trivial, methods=["POST"])],
@@ -222,7 +222,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200, help="POSTs of 100 notifications")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--emails", type=int, default=2000)
