@@ -25,7 +25,7 @@ def test_serve_config_names_the_builder_and_known_deployments() -> None:
     (app,) = config.applications
     assert app.import_path == "serve_app.app:build_app"
     names = {d.name for d in app.deployments}
-    assert {"Gateway", "stages", "OutboxRelay"} <= names
+    assert {"Gateway", "stages", "OutboxRelay", "NotificationDispatcher"} <= names
     for d in app.deployments:
         assert d.ray_actor_options.num_cpus < 1, f"{d.name} would take a whole core"
 
