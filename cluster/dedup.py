@@ -1,11 +1,14 @@
 """The dedup window for never-stored types (signals): keys remembered for ``ttl_s``.
 
-Sharded by key. A lost shard forgets its keys (see ``stages.ports.DedupWindow``).
+Sharded by key. A lost shard forgets its keys (see ``stages.ports.DedupWindow``), and a
+shard that cannot be reached answers "first seen" for its keys: dedup is lost for a
+moment, signals are not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
@@ -13,6 +16,8 @@ from collections.abc import Sequence
 import ray
 
 from cluster.sharding import named_actor, shard_of
+
+log = logging.getLogger("conveyor.dedup")
 
 
 class Window:
@@ -50,15 +55,23 @@ class DedupClient:
     def __init__(self, shards: int, ttl_s: float) -> None:
         self.n = max(1, shards)
         self.actors = [named_actor(DedupShard, f"conveyor-dedup-{i}", ttl_s) for i in range(self.n)]
+        self.unavailable = 0  # shard calls that failed (their keys passed unchecked)
 
     async def first_seen(self, keys: Sequence[str]) -> list[bool]:
         parts: dict[int, list[int]] = defaultdict(list)
         for i, k in enumerate(keys):
             parts[shard_of(k, self.n)].append(i)
         calls = {s: self.actors[s].first_seen.remote([keys[i] for i in idx]) for s, idx in parts.items()}
-        results = dict(zip(calls, await asyncio.gather(*calls.values()), strict=True))
-        out = [False] * len(keys)
-        for s, idx in parts.items():
-            for i, v in zip(idx, results[s], strict=True):
+        answers = await asyncio.gather(*calls.values(), return_exceptions=True)
+        out = [True] * len(keys)
+        for s, answer in zip(calls, answers, strict=True):
+            if isinstance(answer, BaseException):
+                # A shard that cannot answer forgets nothing it did not already lose:
+                # its keys count as first seen, the signal goes through.
+                self.unavailable += 1
+                log.warning("dedup shard %d unreachable (%r): %d keys pass unchecked",
+                            s, answer, len(parts[s]))
+                continue
+            for i, v in zip(parts[s], answer, strict=True):
                 out[i] = v
         return out

@@ -11,7 +11,9 @@ connection is dropped (durable types are replayed from the store on reconnect). 
 over ``mailbox_limit`` sheds its oldest frames (counted) and the next ``pull`` starts with
 a ``RESYNC`` item, so the gateway re-reads what its sockets may have missed from the store.
 A gateway replica that has not pulled for ``gateway_ttl_s`` is presumed dead and its
-connections are removed. If a hub actor restarts, its state is empty: each gateway notices
+connections are removed; users left with no connection are handed to the next gateway
+that pulls (an ``OFFLINE`` item), which tells their contacts as any other presence
+change (best-effort, like presence itself). If a hub actor restarts, its state is empty: each gateway notices
 (``pull`` returns None), attaches its live connections again and re-reads from the store.
 """
 
@@ -30,6 +32,7 @@ from cluster.sharding import named_actor, shard_of
 
 Delivery = tuple[Sequence[str], dict[str, Any]]
 RESYNC: Delivery = ((), {"type": "_resync"})
+OFFLINE = "_offline"  # users: who went offline with a dead gateway; lastSeen: user -> epoch
 
 
 @dataclass
@@ -53,6 +56,9 @@ class ConnectionHub:
         self.published = 0
         self.routed = 0
         self.shed = 0
+        self.shed_by_type: dict[str, int] = defaultdict(int)
+        # Users gone offline when their gateway was reaped, not yet handed to a gateway.
+        self.offline: dict[str, float] = {}
         self._reaped_at = 0.0
 
     def _gateway(self, gateway: str) -> _Gateway:
@@ -85,11 +91,26 @@ class ConnectionHub:
         if now - self._reaped_at < 1.0:
             return
         self._reaped_at = now
+        gone = False
         for name, gw in list(self.gateways.items()):
             if now - gw.last_seen > self.gateway_ttl_s:
                 for conn in list(gw.conns):
-                    self._forget(name, conn)
+                    user = self._forget(name, conn)
+                    if user is not None:
+                        self.offline[user] = self.last_seen[user]
+                        gone = True
                 del self.gateways[name]
+        if gone:
+            for gw in self.gateways.values():  # whoever pulls first fans them out
+                gw.wake.set()
+
+    def _take_offline(self) -> Delivery | None:
+        # A user who reconnected meanwhile is online again: no offline event for them.
+        users = {u: t for u, t in self.offline.items() if u not in self.users}
+        self.offline.clear()
+        if not users:
+            return None
+        return (sorted(users), {"type": OFFLINE, "lastSeen": users})
 
     async def attach(self, gateway: str, conns: Sequence[tuple[str, str]]) -> list[str]:
         """Register (connection id, user id) pairs; returns users that just came online."""
@@ -130,6 +151,8 @@ class ConnectionHub:
             gw = self.gateways[gw_name]
             if len(gw.mailbox) > self.mailbox_limit:
                 over = len(gw.mailbox) - self.mailbox_limit
+                for _, shed_frame in gw.mailbox[:over]:
+                    self.shed_by_type[str(shed_frame.get("type"))] += 1
                 del gw.mailbox[:over]
                 self.shed += over
                 gw.lost = True
@@ -145,7 +168,10 @@ class ConnectionHub:
         if gw is None:
             return None
         gw.last_seen = time.time()
-        if not gw.mailbox:
+        # Pulls are the one call every live gateway makes all the time: reaping here
+        # notices a dead replica even when nothing is published or looked up.
+        self._reap()
+        if not gw.mailbox and not self.offline:
             gw.wake.clear()
             try:
                 await asyncio.wait_for(gw.wake.wait(), wait_s)
@@ -154,6 +180,9 @@ class ConnectionHub:
             if self.gateways.get(gateway) is not gw:
                 return None
         out, gw.mailbox = gw.mailbox, []
+        offline = self._take_offline()
+        if offline is not None:
+            out.insert(0, offline)
         if gw.lost:
             gw.lost = False
             out.insert(0, RESYNC)
@@ -177,6 +206,7 @@ class ConnectionHub:
             "published": self.published,
             "routed": self.routed,
             "shed": self.shed,
+            "shed_by_type": dict(self.shed_by_type),
             "mailbox_depth": sum(len(g.mailbox) for g in self.gateways.values()),
         }
 

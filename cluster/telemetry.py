@@ -27,7 +27,8 @@ log = logging.getLogger("conveyor.metrics")
 Labels = tuple[tuple[str, str], ...]
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# name -> (type, help). Documented in the README; tests check the counters move.
+# name -> (type, help). Every one has a row in the README's metrics table (a unit test
+# checks both ways); e2e tests check the counters move.
 METRICS: dict[str, tuple[str, str]] = {
     "conveyor_messages_in_total": ("counter", "Client frames accepted into a gateway buffer, by type."),
     "conveyor_messages_out_total": ("counter", "Frames written to client sockets, by frame type."),
@@ -50,6 +51,15 @@ METRICS: dict[str, tuple[str, str]] = {
     "conveyor_message_events_total": ("counter", "Analytics events: accepted, delivered, read."),
     "conveyor_message_latency_seconds": ("histogram", "Accepted: receive to ack; delivered/read: "
                                           "stored to receipt."),
+    # Emitted by the notification dispatcher (deployments/notifications.py).
+    "conveyor_notification_attempts_total": ("counter", "Notification delivery attempts, by "
+                                             "channel and status."),
+    "conveyor_notifications_final_total": ("counter", "Notifications that reached a final state, "
+                                           "by state."),
+    "conveyor_notification_retries_total": ("counter", "Notifications left for another round "
+                                            "after a transient failure."),
+    "conveyor_notification_round_seconds": ("histogram", "Time one dispatch round took "
+                                            "(send and record)."),
 }
 
 

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +32,7 @@ from adapters.postgres import PostgresStore
 
 log = logging.getLogger("conveyor.gateway")
 CATCH_UP_PAGE = 200
+UNREAD_TRACKED = 4096  # per connection, for read-latency analytics only
 
 
 def _epoch(rfc3339: str | None) -> float:
@@ -65,18 +67,27 @@ class Connection:
         queue_size: int,
         implicit_receipt: Callable[[str, str], None],
         on_write: Callable[[str], None] | None = None,
+        on_drop: Callable[[str, str], None] | None = None,
     ) -> None:
         self.on_write = on_write
+        self.on_drop = on_drop  # (frame type, reason): a frame this socket will never get
         self.ws = ws
         self.user_id = user_id
         self.id = str(uuid.uuid4())
         self.store = store
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(queue_size)
         self.chats: dict[str, ChatState] = {}
+        # Store times of messages written here and not yet read, for read latency: a
+        # "delivered" receipt retires ``ChatState.sent``, a "read" one may come much later.
+        # Bounded (oldest forgotten first): it only feeds analytics.
+        self.unread: OrderedDict[str, float] = OrderedDict()
         self.lagging: set[str] = set()
         self.implicit_receipt = implicit_receipt
         self.closed = False
         self.redelivered = 0
+        # Types whose inbound buffer is full for this socket since the last ``overload``
+        # frame: the client hears once per episode, not once per frame that waits.
+        self.overloaded: set[str] = set()
         self._writer: asyncio.Task[None] | None = None
 
     # --- called by the gateway --------------------------------------------------------
@@ -99,6 +110,22 @@ class Connection:
         except asyncio.QueueFull:
             log.warning("connection %s: outbound queue full, %s frame dropped",
                         self.id, frame.get("type"))
+            if self.on_drop is not None:
+                self.on_drop(str(frame.get("type")), "queue_full")
+
+    def overload_started(self, type_name: str) -> bool:
+        """The inbound buffer of ``type_name`` is full for a frame of this socket. True
+        when this starts an overload episode: the client should be told."""
+        if type_name in self.overloaded:
+            return False
+        self.overloaded.add(type_name)
+        return True
+
+    def overload_eased(self, type_name: str, depth: int, capacity: int) -> None:
+        """A frame of ``type_name`` found room. The episode ends once the buffer is at most
+        half full: a buffer hovering at its limit is one episode, not many."""
+        if type_name in self.overloaded and depth <= capacity // 2:
+            self.overloaded.discard(type_name)
 
     def deliver(self, frame: dict[str, Any], origin: str | None = None) -> None:
         """Queue a chat message (shared, never mutated); ``origin`` is the connection it
@@ -131,17 +158,23 @@ class Connection:
             if p.last_seq > self.chats[p.chat_id].upto:
                 self.catch_up(p.chat_id)
 
-    def on_receipt(self, message_ids: list[str]) -> dict[str, float]:
-        """Apply a receipt locally; returns stored-to-receipt latency per known id."""
+    def on_receipt(self, message_ids: list[str], status: str = "delivered") -> dict[str, float]:
+        """Apply a receipt locally; returns stored-to-receipt latency per known id (for a
+        ``read`` receipt, stored-to-read)."""
         now = time.time()
         latencies: dict[str, float] = {}
+        if status == "read":
+            for m in message_ids:
+                stored_at = self.unread.pop(m, None)
+                if stored_at is not None:
+                    latencies[m] = now - stored_at
         for st in self.chats.values():
             if not st.sent:
                 continue
             hits = [st.sent[m] for m in message_ids if m in st.sent]
             for m in message_ids:
                 if m in st.sent:
-                    latencies[m] = now - st.sent[m][1]
+                    latencies.setdefault(m, now - st.sent[m][1])
             best = max((seq for seq, _ in hits), default=None)
             if best is not None and best > st.receipted:
                 self._advance(st, best)
@@ -198,6 +231,9 @@ class Connection:
         await self._write(frame)
         st.upto = frame["seq"]
         st.sent[event_id(frame)] = (frame["seq"], _epoch(frame.get("createdAt")))
+        self.unread[event_id(frame)] = st.sent[event_id(frame)][1]
+        if len(self.unread) > UNREAD_TRACKED:
+            self.unread.popitem(last=False)
 
     async def _on_message(self, frame: dict[str, Any], origin: str | None) -> None:
         chat_id = frame["chatId"]

@@ -18,7 +18,11 @@ from stages.model import Envelope, Outcome
 from stages.pipeline import Pipeline
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16)
+# Bounded by default: a caller (gateway replica) queues at most max_queued_requests calls
+# for this host; beyond that Serve refuses with BackPressureError, which the gateway turns
+# into a retry (durable) or a counted drop (droppable). The Serve config may change both.
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=16,
+                  max_queued_requests=256)
 class StageHost:
     async def __init__(self, settings: dict[str, Any], stages: list[str]) -> None:
         self.settings = Settings(**settings)

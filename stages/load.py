@@ -8,14 +8,25 @@ from stages.model import Envelope, Outcome
 from stages.ports import CreditBank, Notices
 
 
+def crossed_low_water(remaining: int, cost: int, low_water: int) -> bool:
+    """Did this granted debit take the bucket from ``low_water`` or more to below it?
+
+    A bucket refills before it is debited and a granted debit takes exactly ``cost``, so
+    the bucket held ``remaining + cost`` just before: the bank's answer already says
+    whether it was above the mark."""
+    return remaining < low_water <= remaining + cost
+
+
 class DebitCredits:
     """Debits each message's cost (``meta.cost``, set from the type's configuration) from
     the sender's bucket, in one bank call per batch.
 
     Refused: the item is rejected with ``credits_exhausted`` and ``retryAfter``, and the
-    sender gets a ``system`` ``credits_exhausted`` frame. Granted but below ``low_water``:
-    a ``system`` ``credits_low`` frame. If the bank is unreachable, messages pass (and
-    ``meta.credits_unchecked`` is set): losing the bank must not stop the service.
+    sender gets a ``system`` ``credits_exhausted`` frame. A debit that takes the bucket
+    from ``low_water`` or more to below it: a ``system`` ``credits_low`` frame, once per
+    crossing, not on every message sent below the mark. If the bank is unreachable,
+    messages pass (and ``meta.credits_unchecked`` is set): losing the bank must not stop
+    the service.
     """
 
     name = "debit_credits"
@@ -37,10 +48,9 @@ class DebitCredits:
             return [Outcome.ok(e) for e in batch]
         out: list[Outcome] = []
         warned: set[tuple[str | None, str]] = set()  # one notice per connection and event
-        for env, ans in zip(batch, answers, strict=True):
+        for env, (_, cost), ans in zip(batch, requests, answers, strict=True):
             if ans.granted:
-                if ans.remaining < self.low_water and (env.connection, "low") not in warned:
-                    warned.add((env.connection, "low"))
+                if crossed_low_water(ans.remaining, cost, self.low_water):
                     self.notices.notify(env.connection, "credits_low",
                                         {"remaining": ans.remaining})
                 out.append(Outcome.ok(env))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ import orjson
 from stages.model import Envelope, Outcome
 from stages.ports import DedupWindow, DeliveryHub
 
+log = logging.getLogger("conveyor.signals")
 MAX_USER_ID = 128
 
 
@@ -39,15 +41,28 @@ class ValidateSignal:
 
 
 class DedupSignal:
-    """Marks a repeated (sender, id) within the window as a duplicate: acked, not forwarded."""
+    """Marks a repeated (sender, id) within the window as a duplicate: acked, not forwarded.
+
+    If the window cannot be reached, every signal counts as first seen (and
+    ``meta.dedup_unchecked`` is set), as the credits stage does with the bank: a resent
+    signal may then be forwarded twice, but losing the window never drops a signal."""
 
     name = "dedup_signal"
 
     def __init__(self, window: DedupWindow) -> None:
         self.window = window
+        self.unavailable = 0
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
-        first = await self.window.first_seen([f"{e.sender}\x1f{e.id}" for e in batch])
+        try:
+            first = await self.window.first_seen([f"{e.sender}\x1f{e.id}" for e in batch])
+        except Exception as exc:
+            self.unavailable += 1
+            log.warning("dedup window unreachable (%r): %d signals pass unchecked",
+                        exc, len(batch))
+            first = [True] * len(batch)
+            for env in batch:
+                env.meta["dedup_unchecked"] = True
         for env, new in zip(batch, first, strict=True):
             env.meta["duplicate"] = not new
         return [Outcome.ok(e) for e in batch]

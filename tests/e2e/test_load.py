@@ -9,8 +9,10 @@ import httpx
 import pytest
 import ray
 
+from cluster.sharding import shard_of
 from tests.client import WsClient, create_chat
 from tests.conftest import App
+from tests.e2e.test_metrics_overload import scrape, total
 
 pytestmark = pytest.mark.e2e
 
@@ -19,10 +21,24 @@ def user() -> str:
     return f"u-{uuid.uuid4().hex[:8]}"
 
 
+async def counter_moves(app: App, name: str, before: float, by: float, **match: str) -> float:
+    """Scrape until ``name`` has moved by at least ``by`` (processes push every
+    ``metrics_push_s``); returns how far it moved."""
+    moved = 0.0
+    for _ in range(20):
+        moved = total(await scrape(app), name, **match) - before
+        if moved >= by:
+            break
+        await asyncio.sleep(0.5)
+    return moved
+
+
 async def test_credits_run_out_with_retry_after_and_a_system_notice(conveyor: App) -> None:
     alice, bob = user(), user()
     chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
     a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
+    rejections_before = total(await scrape(conveyor), "conveyor_credit_rejections_total",
+                              type="chat")
     ids = [await a.chat(chat, f"n{i}") for i in range(105)]  # capacity is 100
     acks = [await a.ack(i) for i in ids]
     accepted = [x for x in acks if x["status"] == "accepted"]
@@ -33,9 +49,13 @@ async def test_credits_run_out_with_retry_after_and_a_system_notice(conveyor: Ap
     notice = await a.expect(lambda f: f["type"] == "system" and f["event"] == "credits_exhausted")
     assert 0 < notice["data"]["retryAfter"] <= 10
     low = await a.expect(lambda f: f["type"] == "system" and f["event"] == "credits_low")
-    assert low["data"]["remaining"] < 10
+    assert low["data"]["remaining"] == 9  # sent when the bucket crossed low_water (10)...
+    more = [f for f in await a.drain(0.5) if f["type"] == "system" and f["event"] == "credits_low"]
+    assert more == []  # ...once, not again for the 90 messages sent below it
     # Rejected messages were not stored: seq stops at 100.
     assert max(x["seq"] for x in accepted) == 100
+    assert await counter_moves(conveyor, "conveyor_credit_rejections_total", rejections_before,
+                               5, type="chat") == 5
     await a.close()
 
 
@@ -84,8 +104,11 @@ async def test_presence_frames_and_lookup_follow_connections(conveyor: App) -> N
 
 
 async def test_a_silent_gateway_replica_expires_from_presence(conveyor: App) -> None:
-    ghost_user = user()
-    hub = ray.get_actor("conveyor-hub-0", namespace="conveyor")
+    ghost_user, contact = user(), user()
+    await create_chat(conveyor.base_url, conveyor.token(contact), [ghost_user])
+    c = await WsClient.connect(conveyor.ws_url, conveyor.token(contact))
+    shard = shard_of(ghost_user, conveyor.settings["hub_shards"])
+    hub = ray.get_actor(f"conveyor-hub-{shard}", namespace="conveyor")
     await hub.attach.remote("ghost-replica", [("ghost-conn", ghost_user)])
     async with httpx.AsyncClient(base_url=conveyor.base_url, headers=conveyor.auth("x")) as http:
         users = (await http.get("/v1/presence", params={"userId": ghost_user})).json()["users"]
@@ -96,6 +119,28 @@ async def test_a_silent_gateway_replica_expires_from_presence(conveyor: App) -> 
             if not users[0]["online"]:
                 break
         assert users[0]["online"] is False
+    # The contact hears it, as if the ghost had disconnected.
+    offline = await c.expect(lambda f: f["type"] == "system" and f["event"] == "presence"
+                             and f["data"]["userId"] == ghost_user, timeout=15)
+    assert offline["data"]["online"] is False and offline["data"]["lastSeen"]
+    await c.close()
+
+
+async def test_a_message_not_receipted_is_redelivered_and_counted(conveyor: App) -> None:
+    alice, bob = user(), user()
+    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
+    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
+    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    before = total(await scrape(conveyor), "conveyor_redeliveries_total")
+    ack = await a.ack(await a.chat(chat, "are you there?"))
+    first = await b.message(messageId=ack["messageId"])
+    # No receipt: after redelivery_base_s (1 s in the tests) it comes again, same id.
+    again = await b.message(messageId=ack["messageId"], timeout=15)
+    assert (again["seq"], again["body"]) == (first["seq"], first["body"])
+    await b.receipt([again["messageId"]])
+    assert await counter_moves(conveyor, "conveyor_redeliveries_total", before, 1) >= 1
+    await a.close()
+    await b.close()
 
 
 async def test_clients_cannot_send_server_only_types(conveyor: App) -> None:

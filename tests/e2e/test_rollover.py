@@ -11,7 +11,7 @@ from ray import serve
 
 from serve_app.app import build_graph
 from tests.client import WsClient, create_chat
-from tests.conftest import App
+from tests.conftest import E2E_STAGE_OPTIONS, App
 
 pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]
 
@@ -27,7 +27,7 @@ async def test_rolling_update_sends_reconnect_and_pending_messages_survive(conve
     # A new version of the gateway (different CPU share) replaces both replicas.
     cpu = {"ray_actor_options": {"num_cpus": 0.11}}
     app = build_graph(dict(conveyor.settings), options={
-        "Gateway": {"num_replicas": 2, **cpu}, "stages": {"ray_actor_options": {"num_cpus": 0.1}}})
+        "Gateway": {"num_replicas": 2, **cpu}, "stages": E2E_STAGE_OPTIONS})
     deploying = asyncio.create_task(asyncio.to_thread(serve.run, app, name="conveyor",
                                                       route_prefix="/"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from cluster.credits import Buckets
 from cluster.dedup import Window
-from stages.load import DebitCredits
+from stages.load import DebitCredits, crossed_low_water
 from stages.model import Envelope, Verdict
 from stages.ports import Debit
 from stages.presence import FanoutPresence
@@ -63,7 +64,8 @@ def msg(i: int, conn: str = "c1", cost: int = 1) -> Envelope:
 
 
 async def test_credits_reject_with_retry_after_and_warn_once_per_connection() -> None:
-    bank = Bank([Debit(True, 3, 0), Debit(True, 2, 0), Debit(False, 0, 7.5)])
+    # 6 → 5 → 3 (cost 2: crosses the low-water mark 5) → refused.
+    bank = Bank([Debit(True, 5, 0), Debit(True, 3, 0), Debit(False, 3, 7.5)])
     notices = Notices()
     out = await DebitCredits(bank, notices, low_water=5).process([msg(1), msg(2, cost=2), msg(3)])
     assert bank.calls == [[("alice", 1), ("alice", 2), ("alice", 1)]]
@@ -73,12 +75,28 @@ async def test_credits_reject_with_retry_after_and_warn_once_per_connection() ->
                             ("c1", "credits_exhausted", {"retryAfter": 7.5})]
 
 
+async def test_credits_low_is_sent_when_the_bucket_crosses_the_mark_not_below_it() -> None:
+    notices = Notices()
+    stage = DebitCredits(Bank(), notices, low_water=10)
+    # Batch after batch, one message each: 11, 10 (at the mark), 9 (crossed), 8, 7.
+    for remaining in (11, 10, 9, 8, 7):
+        stage.bank = Bank([Debit(True, remaining, 0)])
+        await stage.process([msg(remaining)])
+    assert notices.sent == [("c1", "credits_low", {"remaining": 9})]
+    # A refill brings it back above the mark; the next crossing warns again.
+    stage.bank = Bank([Debit(True, 99, 0), Debit(True, 10, 0), Debit(True, 9, 0)])
+    await stage.process([msg(1), msg(2), msg(3)])
+    assert notices.sent[1:] == [("c1", "credits_low", {"remaining": 9})]
+    assert crossed_low_water(3, 5, 5) and not crossed_low_water(3, 1, 5)
+    assert not crossed_low_water(0, 0, 5)  # free types never cross anything
+
+
 async def test_credits_exhausted_notice_and_bank_outage_lets_messages_through() -> None:
     notices = Notices()
-    out = await DebitCredits(Bank([Debit(True, 1, 0), Debit(False, 0, 2.0), Debit(False, 0, 2.0)]),
+    out = await DebitCredits(Bank([Debit(True, 4, 0), Debit(False, 0, 2.0), Debit(False, 0, 2.0)]),
                              notices).process([msg(1), msg(2), msg(3)])
     assert [o.verdict for o in out] == [Verdict.CONTINUE, Verdict.REJECT, Verdict.REJECT]
-    assert notices.sent == [("c1", "credits_low", {"remaining": 1}),
+    assert notices.sent == [("c1", "credits_low", {"remaining": 4}),
                             ("c1", "credits_exhausted", {"retryAfter": 2.0})]
     stage = DebitCredits(Bank(fail=True), Notices())
     out = await stage.process([msg(1), msg(2)])
@@ -125,6 +143,76 @@ async def test_signal_route_validates_dedups_and_forwards_once() -> None:
         (["bob"], {"type": "signal", "id": "1", "from": "alice", "payload": {"sdp": "x"}}),
         (["bob"], {"type": "signal", "id": "2", "from": "alice", "payload": {"sdp": "x"}}),
     ]
+
+
+async def test_an_unreachable_dedup_window_lets_signals_through() -> None:
+    class Gone:
+        async def first_seen(self, keys: Sequence[str]) -> list[bool]:
+            raise ConnectionError("dedup shard is restarting")
+
+    stage = DedupSignal(Gone())
+    out = await stage.process([signal("1"), signal("2")])
+    assert [o.verdict for o in out] == [Verdict.CONTINUE, Verdict.CONTINUE]
+    assert [o.envelope.meta["duplicate"] for o in out] == [False, False]
+    assert out[0].envelope.meta["dedup_unchecked"] and stage.unavailable == 1
+
+
+async def test_a_dead_dedup_shard_answers_first_seen_for_its_keys_only() -> None:
+    from cluster.dedup import DedupClient
+    from cluster.sharding import shard_of
+
+    class Method:
+        def __init__(self, fn: Any) -> None:
+            self.remote = fn
+
+    class Shard:
+        def __init__(self, window: Window | None) -> None:
+            async def first_seen(keys: Sequence[str]) -> list[bool]:
+                if window is None:
+                    raise ConnectionError("actor died")
+                return window.first_seen(keys, 0.0)
+
+            self.first_seen = Method(first_seen)
+
+    client = DedupClient.__new__(DedupClient)
+    client.n, client.unavailable = 2, 0
+    client.actors = [Shard(Window(60.0)), Shard(None)]
+    keys = [f"k{i}" for i in range(8)]
+    await client.first_seen(keys)
+    again = await client.first_seen(keys)
+    # Keys of the live shard are duplicates now; those of the dead one pass as new.
+    assert again == [shard_of(k, 2) == 1 for k in keys]
+    assert client.unavailable == 2 and {shard_of(k, 2) for k in keys} == {0, 1}
+
+
+async def test_a_reaped_gateways_users_go_offline_at_the_next_pull() -> None:
+    from cluster.hub import OFFLINE, ConnectionHub
+
+    hub = ConnectionHub.__ray_metadata__.modified_class(0, gateway_ttl_s=0.2)
+    await hub.attach("ghost", [("c1", "alice"), ("c2", "bob"), ("c3", "bob")])
+    await hub.attach("live", [("c4", "carol")])
+    await asyncio.sleep(0.3)
+    hub._reaped_at = 0.0  # reaping is rate-limited to once a second
+    await hub.attach("live", [("c5", "bob")])  # bob came back on another replica
+    got = await hub.pull("live", 0.5)
+    assert got == [(["alice"], {"type": OFFLINE, "lastSeen": {"alice": hub.last_seen["alice"]}})]
+    assert await hub.pull("ghost", 0.0) is None  # the dead replica must attach again
+    assert [u for u, online, _ in await hub.presence(["alice", "bob"]) if online] == ["bob"]
+    assert await hub.pull("live", 0.05) == []  # handed out once
+
+
+async def test_a_full_hub_mailbox_sheds_the_oldest_frames_and_counts_them_by_type() -> None:
+    from cluster.hub import RESYNC, ConnectionHub
+
+    hub = ConnectionHub.__ray_metadata__.modified_class(0, mailbox_limit=2)
+    await hub.attach("g", [("c1", "bob")])
+    await hub.publish([(["bob"], {"type": "signal", "id": "1"}),
+                       (["bob"], {"type": "message", "seq": 1}),
+                       (["bob"], {"type": "message", "seq": 2})])
+    stats = await hub.stats()
+    assert stats["shed"] == 1 and stats["shed_by_type"] == {"signal": 1}
+    got = await hub.pull("g", 0.0)
+    assert got is not None and got[0] == RESYNC and len(got) == 3
 
 
 async def test_presence_goes_to_everyone_sharing_a_chat_but_the_user() -> None:
