@@ -4,10 +4,11 @@ Wire format (Bitrix24 REST): ``POST <webhook>/im.notify.personal.add.json`` with
 ``{"USER_ID": <id>, "MESSAGE": <text>}``; success is ``{"result": <notification id>}``,
 an error ``{"error": CODE, "error_description": TEXT}`` (HTTP 400/401/403/404/429/5xx).
 
-Requests are paced on our side to the cloud limit (``rate_per_s``, 2 by default) per
-portal with a configurable ``burst``. Classification: HTTP 5xx, 429, 503
-``QUERY_LIMIT_EXCEEDED``, ``OVERLOAD_LIMIT``, timeouts and connection errors are
-transient; every other error (``USER_ID_EMPTY``, unknown user, bad webhook) is permanent.
+Requests (readiness pings included) are paced on our side to the cloud limit
+(``rate_per_s``, 2 by default) per portal and process with a configurable ``burst``.
+Classification: HTTP 5xx, 429, 503 ``QUERY_LIMIT_EXCEEDED``, ``OVERLOAD_LIMIT``, timeouts
+and connection errors are transient; every other error (``USER_ID_EMPTY``, unknown user,
+bad webhook) is permanent.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import httpx
 from stages.notifications import Delivery, SendResult
 
 METHOD = "im.notify.personal.add"
+PING_CACHE_S = 5.0  # a readiness verdict is reused this long
 TRANSIENT_ERRORS = {"QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT", "INTERNAL_SERVER_ERROR",
                     "ERROR_UNEXPECTED_ANSWER", "PORTAL_DELETED_TEMPORARILY"}
 
@@ -83,10 +85,13 @@ class BitrixChannel:
 
     def __init__(self, webhook_url: str, *, rate_per_s: float = 2.0, burst: int = 2,
                  timeout_s: float = 10.0, client: httpx.AsyncClient | None = None,
-                 bucket: TokenBucket | None = None) -> None:
+                 bucket: TokenBucket | None = None, ping_cache_s: float = PING_CACHE_S) -> None:
         self.base = webhook_url.rstrip("/") + "/"
         self.bucket = bucket or portal_bucket(webhook_url, rate_per_s, burst)
         self.client = client or httpx.AsyncClient(timeout=timeout_s)
+        self.ping_cache_s = ping_cache_s
+        self._ping: tuple[float, str | None] | None = None  # (when, error or None)
+        self._ping_lock = asyncio.Lock()
 
     def available(self) -> bool:
         return True
@@ -114,11 +119,25 @@ class BitrixChannel:
         return [await self._send_one(d) for d in deliveries]
 
     async def ping(self) -> None:
-        """Readiness: the webhook answers a cheap method (``server.time``)."""
-        resp = await self.client.post(f"{self.base}server.time.json", json={})
-        body = resp.json()
-        if resp.status_code >= 400 or "error" in body:
-            raise RuntimeError(f"bitrix webhook: HTTP {resp.status_code} {body.get('error')}")
+        """Readiness: the webhook answers a cheap method (``server.time``). The call goes
+        through the portal's rate limiter like any other, and its verdict is kept for
+        ``ping_cache_s``: however often readiness is probed, the portal sees at most one
+        ping per period from this process (concurrent probes share it)."""
+        async with self._ping_lock:
+            now = time.monotonic()
+            if self._ping is None or now - self._ping[0] >= self.ping_cache_s:
+                error: str | None = None
+                try:
+                    status, body = await self._call("server.time", {})
+                    if status >= 400 or not isinstance(body, dict) or "error" in body:
+                        code = body.get("error") if isinstance(body, dict) else None
+                        error = f"bitrix webhook: HTTP {status} {code}"
+                except httpx.HTTPError as exc:
+                    error = f"bitrix webhook: {type(exc).__name__}: {exc}"[:300]
+                self._ping = (time.monotonic(), error)
+            error = self._ping[1]
+        if error is not None:
+            raise RuntimeError(error)
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -44,7 +44,14 @@ class MailDirChannel:
     async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
         return await asyncio.to_thread(self._write, deliveries)
 
+    def _probe(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        probe = self.directory / f".ready-{os.getpid()}.tmp"
+        try:
+            probe.write_bytes(b"ok")
+        finally:
+            probe.unlink(missing_ok=True)
+
     async def ping(self) -> None:
-        await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
-        if not os.access(self.directory, os.W_OK):
-            raise OSError(f"{self.directory.name} is not writable")
+        """Readiness: the folder exists (or can be made) and a file can be written in it."""
+        await asyncio.to_thread(self._probe)

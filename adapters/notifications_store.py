@@ -6,12 +6,16 @@
   row claimable again, so nothing accepted is lost (delivery is at-least-once).
 - ``finish_round``: a round's attempts, the new per-contact progress and either the next
   due time or the final state, in one transaction.
-- idempotency keys per (subject, key) with a TTL.
+- idempotency keys per (subject, key) with a TTL. A request claims its key
+  (``idempotency_begin``); ``accept`` marks the key done with the request's response in the
+  transaction that stores the notifications, so a repeat after that commit replays the
+  response whatever happens to the request afterwards (crash, cancellation, a lost reply).
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +27,8 @@ from stages.notifications import (
     Attempt,
     ContactProgress,
     FinalState,
+    IdempotencyLost,
+    IdempotencyRecord,
     Job,
     NotificationDraft,
     RoundResult,
@@ -58,6 +64,7 @@ class IdempotencyClaim:
     outcome: str
     status: int | None = None
     body: bytes | None = None
+    claim: str | None = None  # for ``new``: this request's hold on the key
 
 
 class NotificationsStore:
@@ -69,7 +76,8 @@ class NotificationsStore:
             await conn.fetchval("SELECT 1")
 
     # --- accepting ------------------------------------------------------------------
-    async def accept(self, drafts: Sequence[NotificationDraft]) -> None:
+    async def accept(self, drafts: Sequence[NotificationDraft],
+                     idempotency: IdempotencyRecord | None = None) -> None:
         rows = [
             (d.id, d.subject_id, d.subject_name, json.dumps(d.contacts), d.message, d.is_immediate,
              d.strategy, json.dumps([ContactProgress().to_json() for _ in d.contacts]),
@@ -84,6 +92,15 @@ class NotificationsStore:
             await conn.executemany(
                 "INSERT INTO notification_outbox(notification_id, immediate) VALUES ($1::uuid, $2)",
                 [(d.id, d.is_immediate) for d in drafts])
+            if idempotency is not None:
+                held = await conn.fetchval(
+                    "UPDATE notification_idempotency SET status = 'done', response_status = $4,"
+                    " response_body = $5 WHERE subject_id = $1 AND key = $2 AND claim_id = $3::uuid"
+                    " AND status = 'in_flight' RETURNING key",
+                    idempotency.subject_id, idempotency.key, idempotency.claim,
+                    idempotency.status, idempotency.body)
+                if held is None:  # taken over or released meanwhile: store nothing
+                    raise IdempotencyLost(idempotency.key)
 
     # --- claiming -------------------------------------------------------------------
     async def _claim(self, where: str, args: Sequence[Any], limit: int, lease_s: float) -> list[Job]:
@@ -217,16 +234,17 @@ class NotificationsStore:
         """Claim a key for this request, or say what to answer instead.
 
         A key in flight longer than ``lease_s`` belonged to a request that never finished
-        (its process died): it is taken over. Expired keys are replaced."""
+        (its process died): it is taken over, with a new claim. Expired keys are replaced."""
+        claim = str(uuid.uuid4())
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "INSERT INTO notification_idempotency(subject_id, key, request_hash, lease_until,"
-                " expires_at) VALUES ($1, $2, $3, now() + make_interval(secs => $4::float8),"
-                " now() + make_interval(secs => $5::float8))"
+                " expires_at, claim_id) VALUES ($1, $2, $3, now() + make_interval(secs => $4::float8),"
+                " now() + make_interval(secs => $5::float8), $6::uuid)"
                 " ON CONFLICT (subject_id, key) DO NOTHING RETURNING key",
-                subject_id, key, request_hash, lease_s, ttl_s)
+                subject_id, key, request_hash, lease_s, ttl_s, claim)
             if row is not None:
-                return IdempotencyClaim("new")
+                return IdempotencyClaim("new", claim=claim)
             old = await conn.fetchrow(
                 "SELECT request_hash, status, response_status, response_body,"
                 " expires_at < now() AS expired, lease_until < now() AS abandoned"
@@ -240,26 +258,35 @@ class NotificationsStore:
                     "UPDATE notification_idempotency SET request_hash = $3, status = 'in_flight',"
                     " response_status = NULL, response_body = NULL, created_at = now(),"
                     " lease_until = now() + make_interval(secs => $4::float8),"
-                    " expires_at = now() + make_interval(secs => $5::float8)"
-                    " WHERE subject_id = $1 AND key = $2", subject_id, key, request_hash, lease_s, ttl_s)
-                return IdempotencyClaim("new")
+                    " expires_at = now() + make_interval(secs => $5::float8), claim_id = $6::uuid"
+                    " WHERE subject_id = $1 AND key = $2", subject_id, key, request_hash, lease_s,
+                    ttl_s, claim)
+                return IdempotencyClaim("new", claim=claim)
             if old["request_hash"] != request_hash:
                 return IdempotencyClaim("conflict")
             if old["status"] != "done":
                 return IdempotencyClaim("in_flight")
             return IdempotencyClaim("replay", old["response_status"], bytes(old["response_body"]))
 
-    async def idempotency_finish(self, subject_id: str, key: str, status: int, body: bytes) -> None:
-        await self.pool.execute(
+    async def idempotency_finish(self, subject_id: str, key: str, status: int, body: bytes,
+                                 claim: str | None = None) -> bool:
+        """Store the response of a request that stored no notification (e.g. a 400). Only
+        a key still in flight (for ``claim``, when given) is updated; returns whether it was."""
+        done = await self.pool.execute(
             "UPDATE notification_idempotency SET status = 'done', response_status = $3,"
-            " response_body = $4 WHERE subject_id = $1 AND key = $2", subject_id, key, status, body)
+            " response_body = $4 WHERE subject_id = $1 AND key = $2 AND status = 'in_flight'"
+            " AND ($5::uuid IS NULL OR claim_id = $5::uuid)", subject_id, key, status, body, claim)
+        return done.split()[-1] != "0"
 
-    async def idempotency_release(self, subject_id: str, key: str) -> None:
-        """The request failed before anything was stored: the key may be used again."""
+    async def idempotency_release(self, subject_id: str, key: str, claim: str | None = None) -> None:
+        """The request failed before anything was stored: the key may be used again. A key
+        already done (its notifications were committed) is kept: repeats replay it."""
         await self.pool.execute(
             "DELETE FROM notification_idempotency WHERE subject_id = $1 AND key = $2 AND"
-            " status = 'in_flight'", subject_id, key)
+            " status = 'in_flight' AND ($3::uuid IS NULL OR claim_id = $3::uuid)",
+            subject_id, key, claim)
 
     async def purge_expired(self) -> int:
+        """Remove expired idempotency keys (the dispatcher calls this periodically)."""
         done = await self.pool.execute("DELETE FROM notification_idempotency WHERE expires_at < now()")
         return int(done.split()[-1])

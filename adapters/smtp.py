@@ -2,8 +2,9 @@
 
 A batch is spread over up to ``pool_size`` connections, each sending its share one
 message after another; connections stay open between batches and are reopened when the
-server drops them. Classification: SMTP 4xx replies, timeouts and connection errors are
-transient; 5xx replies (unknown mailbox, policy refusal) are permanent.
+server drops them (a share whose connection cannot be opened fails transiently as a whole,
+without a connection attempt per message). Classification: SMTP 4xx replies, timeouts
+and connection errors are transient; 5xx replies (unknown mailbox, policy refusal) are permanent.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class SmtpChannel:
         self.pool_size = max(1, pool_size)
         self._idle: list[aiosmtplib.SMTP] = []
         self.connects = 0  # how many connections were opened (observable reuse)
+        self.connect_attempts = 0  # how many were tried, failed ones included
 
     def available(self) -> bool:
         return True
@@ -62,6 +64,7 @@ class SmtpChannel:
             if smtp.is_connected:
                 return smtp
         smtp = self._client()
+        self.connect_attempts += 1
         await smtp.connect()
         self.connects += 1
         return smtp
@@ -73,15 +76,20 @@ class SmtpChannel:
             pass
 
     async def _send_share(self, share: list[tuple[int, Delivery]], out: list[SendResult | None]) -> None:
+        """Sends a share over one connection. When a connection cannot be opened, the rest
+        of the share is transient at once: one failed connect per share, not per message
+        (each may take ``timeout_s``)."""
         smtp: aiosmtplib.SMTP | None = None
         try:
-            for idx, d in share:
+            for pos, (idx, d) in enumerate(share):
                 if smtp is None:
                     try:
                         smtp = await self._acquire()
                     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                        out[idx] = SendResult.transient(f"connect: {type(exc).__name__}: {exc}"[:500])
-                        continue
+                        failed = SendResult.transient(f"connect: {type(exc).__name__}: {exc}"[:500])
+                        for rest, _ in share[pos:]:
+                            out[rest] = failed
+                        return
                 out[idx] = await self._send_one(smtp, d)
                 if not smtp.is_connected:
                     smtp = None

@@ -8,7 +8,7 @@
    error shape (if nothing was sent yet).
 3. ``Timeout`` — a request still running after ``timeout_s`` is cancelled and answered 504.
 4. ``BodyLimit`` — a body over ``max_bytes`` is answered 413 (by ``Content-Length`` up
-   front, or while it streams in).
+   front; a chunked body is read up to the limit before the app runs).
 
 Error bodies under ``/v1/notifications`` follow that API's contract
 (``{"error": "HTTP 504 Gateway Timeout", "message": ...}``); elsewhere the protocol's
@@ -163,11 +163,16 @@ class Timeout:
                 await send_error(send, scope, 504, "timeout")
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
+    """413 for a body over ``max_bytes``.
+
+    A declared ``Content-Length`` over the limit is refused before anything is read. A
+    body without one (chunked) is read up to the limit *before* the app runs: refusing it
+    once the app had started reading would surface inside the app (whose own error
+    handling answers 500), so the app only ever sees a body known to fit, replayed from
+    memory (at most ``max_bytes``).
+    """
+
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -178,32 +183,42 @@ class BodyLimit:
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await send_error(send, scope, 413, "too_large")
-            return
-        seen = 0
-        started = False
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge
-            return message
-
-        async def wrapped(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited, wrapped)
-        except BodyTooLarge:
-            if not started:
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
                 await send_error(send, scope, 413, "too_large")
+                return
+            # The server stops the body at its declared length: it fits.
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE") and \
+                b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                await send_error(send, scope, 413, "too_large")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect
+
+        await self.app(scope, replay, send)
 
 
 class Exempt:
@@ -215,7 +230,12 @@ class Exempt:
         self.prefixes = prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        target = self.app if scope.get("path", "").startswith(self.prefixes) else self.guarded
+        # Match the path inside the application: behind a route prefix (``root_path``,
+        # e.g. ``/local``) the scope's path may carry the prefix too.
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        target = self.app if path.startswith(self.prefixes) else self.guarded
         await target(scope, receive, send)
 
 

@@ -44,11 +44,16 @@ from serve_app.settings import Settings
 from stages.model import Envelope, Verdict
 from stages.notifications import (
     MAX_ITEMS,
+    AcceptRequest,
     Channel,
     CircuitBreaker,
+    DispatchPacer,
     GuardedChannel,
     Job,
     RetryPolicy,
+    RoundReport,
+    RoundResult,
+    SendStatus,
     dispatch_round,
     list_size_issues,
 )
@@ -67,6 +72,19 @@ TEXTS = {
         "conflict": "Ключ идемпотентности уже использован с другим телом запроса",
         "in_flight": "Запрос с этим ключом идемпотентности ещё обрабатывается",
         "key": "Idempotency-Key должен содержать от 1 до 255 печатных символов",
+        "not_found": "Уведомление не найдено",
+        # authentication (AuthError.reason)
+        "auth.missing": "Требуется JWT-токен в заголовке Authorization: Bearer <JWT>",
+        "auth.malformed": "Токен имеет неверный формат",
+        "auth.algorithm": "Принимаются только токены, подписанные RS256",
+        "auth.unknown_key": "Токен подписан неизвестным ключом",
+        "auth.expired": "Срок действия токена истёк",
+        "auth.issuer": "Издатель токена не принимается",
+        "auth.audience": "Токен выдан для другого получателя (audience)",
+        "auth.no_subject": "В токене нет идентификатора субъекта (sub)",
+        "auth.invalid": "Недействительный токен",
+        "auth.forbidden": "Требуется роль '{role}'",
+        "auth.keys_unavailable": "Ключи проверки подписи токенов недоступны, повторите запрос позже",
     },
     "en": {
         "all": "All notifications accepted for processing: {accepted} accepted",
@@ -77,6 +95,18 @@ TEXTS = {
         "conflict": "The idempotency key was already used with a different request body",
         "in_flight": "A request with this idempotency key is still being processed",
         "key": "Idempotency-Key must be 1..255 printable characters",
+        "not_found": "Notification not found",
+        "auth.missing": "A JWT is required in the Authorization: Bearer <JWT> header",
+        "auth.malformed": "The token is malformed",
+        "auth.algorithm": "Only RS256-signed tokens are accepted",
+        "auth.unknown_key": "The token is signed by an unknown key",
+        "auth.expired": "The token has expired",
+        "auth.issuer": "The token's issuer is not accepted",
+        "auth.audience": "The token's audience is not accepted",
+        "auth.no_subject": "The token has no subject (sub)",
+        "auth.invalid": "The token is invalid",
+        "auth.forbidden": "Role '{role}' is required",
+        "auth.keys_unavailable": "Token signing keys are unavailable, retry later",
     },
 }
 
@@ -91,6 +121,15 @@ def problem(status: int, message: str, code: str, **more: Any) -> Response:
     body.update(more)
     headers = {"WWW-Authenticate": 'Bearer realm="conveyor"'} if status == 401 else None
     return json_response(body, status, headers)
+
+
+def auth_problem(exc: AuthError, lang: str) -> Response:
+    """401/403 (and 500 when the signing keys cannot be had) in the request's language."""
+    text = TEXTS[lang].get(f"auth.{exc.reason}")
+    message = text.format(**exc.params) if text is not None else exc.message
+    if exc.status >= 500:
+        log.error("authentication unavailable: %s", exc.message)
+    return problem(exc.status, message, exc.code)
 
 
 def request_hash(raw: bytes) -> str:
@@ -171,11 +210,16 @@ class NotificationApi:
         ports = services.ports(notification_store=store, notification_dispatch=kick)
         pipeline = services.resolver.pipeline("notification", services.registry, ports)
         _, raw = build_channels(settings)
+        # Readiness of every dependency of the service (the gateway adds the database).
         health: dict[str, Callable[[], Awaitable[Any]]] = {}
         if "smtp" in raw:
             health["smtp"] = raw["smtp"].ping
+        if "mail_dir" in raw:
+            health["mail_dir"] = raw["mail_dir"].ping
         if "bitrix" in raw:
             health["bitrix"] = raw["bitrix"].ping
+        if verifier.jwks is not None:
+            health["jwks"] = verifier.jwks.check
         if dispatcher is not None:
             health["notification_dispatcher"] = lambda: dispatcher.ping.remote()
         return cls(settings, store, pipeline, verifier, health)
@@ -186,10 +230,11 @@ class NotificationApi:
         return [
             Route(PREFIX, self.post, methods=["POST"]),
             Route(PREFIX + "/{notification_id}", self.get, methods=["GET"]),
-            *docs_routes(),
+            *docs_routes(self.settings),
         ]
 
     def health_checks(self) -> dict[str, Callable[[], Awaitable[Any]]]:
+        """Name → a check that raises when that dependency is down (``/health/ready``)."""
         return dict(self._health)
 
     async def _principal(self, request: Request, role: str | None) -> Principal:
@@ -206,18 +251,19 @@ class NotificationApi:
         try:
             principal = await self._principal(request, self.settings.notifications_role)
         except AuthError as exc:
-            return problem(exc.status, exc.message, exc.code)
+            return auth_problem(exc, lang)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json" and not ctype.endswith("+json"):
             return problem(400, texts["content_type"], "unsupported_content_type", details=[])
         raw = await request.body()
         key = request.headers.get("idempotency-key")
         if key is None:
-            return await self._accept(request, principal, raw, lang)
+            return (await self._accept(request, principal, raw, lang, None))[0]
         if not 0 < len(key) <= 255 or not key.isprintable():
             return problem(400, texts["key"], "invalid_idempotency_key", details=[])
+        user = principal.user_id
         claim = await self.store.idempotency_begin(
-            principal.user_id, key, request_hash(raw), self.settings.idempotency_ttl_s,
+            user, key, request_hash(raw), self.settings.idempotency_ttl_s,
             lease_s=max(60.0, self.settings.request_timeout_s * 3))
         if claim.outcome == "conflict":
             return problem(422, texts["conflict"], "idempotency_key_reused")
@@ -227,31 +273,43 @@ class NotificationApi:
             assert claim.status is not None and claim.body is not None
             return Response(claim.body, claim.status, media_type="application/json",
                             headers={"Idempotency-Replayed": "true"})
+        held = (user, key, claim.claim)
         try:
-            response = await self._accept(request, principal, raw, lang)
+            response, persisted = await self._accept(request, principal, raw, lang, held)
         except BaseException:
+            # Releases the key only while it is still in flight: once the notifications were
+            # committed the key holds their response (same transaction), and a repeat
+            # replays it even though this request failed or was cancelled (504).
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.idempotency_release(principal.user_id, key))
+                await asyncio.shield(self.store.idempotency_release(user, key, claim.claim))
             raise
-        if response.status_code < 500:
-            await self.store.idempotency_finish(principal.user_id, key, response.status_code,
-                                                bytes(response.body))
-        else:
-            await self.store.idempotency_release(principal.user_id, key)
+        if persisted:
+            return response
+        # Nothing was stored (every item invalid, body not JSON): remember the answer, or
+        # free the key for a retry if that cannot be done.
+        try:
+            if response.status_code >= 500 or not await self.store.idempotency_finish(
+                    user, key, response.status_code, bytes(response.body), claim.claim):
+                await self.store.idempotency_release(user, key, claim.claim)
+        except Exception as exc:
+            log.warning("idempotency key %r of %s not recorded: %r", key, user, exc)
         return response
 
-    async def _accept(self, request: Request, principal: Principal, raw: bytes, lang: str) -> Response:
+    async def _accept(self, request: Request, principal: Principal, raw: bytes, lang: str,
+                      held: tuple[str, str, str | None] | None) -> tuple[Response, bool]:
+        """(the response, whether notifications were stored — with the key's response
+        when ``held`` names an idempotency claim)."""
         texts = TEXTS[lang]
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return problem(400, texts["json"], "invalid_json", details=[])
+            return problem(400, texts["json"], "invalid_json", details=[]), False
         if isinstance(body, list):
             issues = list_size_issues(body, [], 1, MAX_ITEMS)
             if issues:
                 item = body if not body else None  # a 101-item echo helps nobody
                 return json_response({"error": "HTTP 400 Bad Request", "message": texts["none"],
-                                      "details": [{"item": item, "error": issues}]}, 400)
+                                      "details": [{"item": item, "error": issues}]}, 400), False
             items = body
         else:
             items = [body]
@@ -263,49 +321,71 @@ class NotificationApi:
         batch = [Envelope(type="notification", id=f"{trace}:{i}", sender=principal.user_id,
                           received_at=now, fields={"notification": item},
                           meta={"subject": subject}) for i, item in enumerate(items)]
+        user, key, claim = held if held is not None else (None, None, None)
+        accept = AcceptRequest(lambda: acceptance(items, batch, texts), subject_id=user, key=key,
+                               claim=claim)
+        for env in batch:
+            env.meta["request"] = accept
         outcomes = await self.pipeline.run(batch)
-        details: list[dict[str, Any]] = []
-        accepted = 0
-        for item, outcome in zip(items, outcomes, strict=True):
-            if outcome.verdict is Verdict.REJECT:
-                details.append({"status": "failure", "notification": item,
-                                "error": outcome.envelope.meta.get("errors") or [
-                                    {"code": "custom", "message": outcome.message or "", "path": []}]})
-            else:
-                accepted += 1
-                n = outcome.envelope.meta["notification"]
-                details.append({"status": "success", "notification": n})
+        for outcome in outcomes:
+            if outcome.verdict is Verdict.REJECT and not outcome.envelope.meta.get("errors"):
+                # A stage other than validation refused an item: say so in the item's error.
+                outcome.envelope.meta["errors"] = [
+                    {"code": "custom", "message": outcome.message or "", "path": []}]
+            n = outcome.envelope.meta.get("notification")
+            if outcome.verdict is not Verdict.REJECT and n is not None:
                 log.info("notification %s accepted (%s) trace %s", n["id"],
-                         outcome.envelope.meta.get("route"), trace)
-        rejected = len(items) - accepted
-        if accepted == 0:
-            return json_response({
-                "error": "HTTP 400 Bad Request", "message": texts["none"],
-                "details": [{"item": d["notification"], "error": d["error"]} for d in details],
-            }, 400)
-        key = "all" if rejected == 0 else "partial"
-        return json_response({
-            "message": texts[key].format(accepted=accepted, rejected=rejected),
-            "totalCount": len(items), "acceptedCount": accepted, "rejectedCount": rejected,
-            "details": details,
-        }, 202 if rejected == 0 else 207)
+                         outcome.envelope.meta.get("route"), trace,
+                         extra={"trace_id": n["id"], "request_trace_id": trace})
+        status, payload = accept.response()
+        return Response(payload, status, media_type="application/json"), accept.persisted
 
     # --- GET /v1/notifications/{id} ---------------------------------------------------
     async def get(self, request: Request) -> Response:
+        lang = language(request)
         try:
             principal = await self._principal(request, None)
         except AuthError as exc:
-            return problem(exc.status, exc.message, exc.code)
+            return auth_problem(exc, lang)
         nid = request.path_params["notification_id"]
         try:
             nid = str(uuid.UUID(nid))
         except ValueError:
-            return problem(404, "Уведомление не найдено", "not_found")
+            return problem(404, TEXTS[lang]["not_found"], "not_found")
         found = await self.store.get(nid)
         # Another subject's notification is "not found": its existence is not disclosed.
         if found is None or found["subject"]["id"] != principal.user_id:
-            return problem(404, "Уведомление не найдено", "not_found")
+            return problem(404, TEXTS[lang]["not_found"], "not_found")
         return json_response(found)
+
+
+def acceptance(items: Sequence[Any], batch: Sequence[Envelope], texts: Mapping[str, str]
+               ) -> tuple[int, bytes]:
+    """The response to a POST whose items were validated: 202, 207 or 400 in the seed's
+    shapes. An item is accepted when validation gave it its server fields."""
+    details: list[dict[str, Any]] = []
+    accepted = 0
+    for item, env in zip(items, batch, strict=True):
+        errors = env.meta.get("errors")
+        n = env.meta.get("notification")
+        if n is not None and not errors:
+            accepted += 1
+            details.append({"status": "success", "notification": n})
+        else:
+            details.append({"status": "failure", "notification": item, "error": errors or [
+                {"code": "custom", "message": "rejected", "path": []}]})
+    rejected = len(items) - accepted
+    if accepted == 0:
+        return 400, orjson.dumps({
+            "error": "HTTP 400 Bad Request", "message": texts["none"],
+            "details": [{"item": d["notification"], "error": d["error"]} for d in details],
+        })
+    key = "all" if rejected == 0 else "partial"
+    return 202 if rejected == 0 else 207, orjson.dumps({
+        "message": texts[key].format(accepted=accepted, rejected=rejected),
+        "totalCount": len(items), "acceptedCount": accepted, "rejectedCount": rejected,
+        "details": details,
+    })
 
 
 # --------------------------------------------------------------------------------------
@@ -314,12 +394,20 @@ class NotificationApi:
 
 
 class DispatchEngine:
-    """The outbox loop, independent of Ray (tests run it directly)."""
+    """The outbox loops, independent of Ray (tests run them directly).
+
+    Two loops: *urgent* (kicked ids, immediate notifications whose kick was lost, due
+    retries) wakes on a kick or every ``tick_s``; *flush* sends queued notifications every
+    ``flush_interval_s``. Each loop is paced by its own ``DispatchPacer`` (the feedback
+    loop): slow or failing rounds shrink its batch and lengthen its interval, every channel
+    down pauses it, and it recovers by itself. The flush loop also purges expired
+    idempotency keys every ``purge_interval_s``.
+    """
 
     def __init__(self, store: NotificationsStore, channels: Mapping[str, Channel],
                  policy: RetryPolicy, *, batch_size: int = 100, flush_interval_s: float = 5.0,
-                 lease_s: float = 300.0, tick_s: float = 1.0, recorder: Recorder | None = None
-                 ) -> None:
+                 lease_s: float = 300.0, tick_s: float = 1.0, recorder: Recorder | None = None,
+                 round_target_s: float = 10.0, purge_interval_s: float = 300.0) -> None:
         self.store = store
         self.channels = channels
         self.policy = policy
@@ -328,11 +416,17 @@ class DispatchEngine:
         self.lease_s = lease_s
         self.tick_s = min(tick_s, flush_interval_s)
         self.recorder = recorder or Recorder()
+        self.urgent_pace = DispatchPacer(self.batch_size, self.tick_s, target_latency_s=round_target_s)
+        self.flush_pace = DispatchPacer(self.batch_size, flush_interval_s,
+                                        target_latency_s=round_target_s)
+        self.purge_interval_s = purge_interval_s
+        self._purged_at: float | None = None
         self._wanted: list[str] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.rounds = 0
         self.finished = 0
+        self.purged = 0
 
     def kick(self, ids: Sequence[str]) -> None:
         self._wanted.extend(ids)
@@ -351,7 +445,11 @@ class DispatchEngine:
                 await t
         self._tasks = []
 
-    async def run_round(self, jobs: list[Job]) -> int:
+    def channels_down(self) -> bool:
+        """Every configured channel is not working now (breakers open)."""
+        return bool(self.channels) and not any(ch.available() for ch in self.channels.values())
+
+    async def run_round(self, jobs: list[Job], pace: DispatchPacer | None = None) -> int:
         if not jobs:
             return 0
         t0 = time.perf_counter()
@@ -362,59 +460,126 @@ class DispatchEngine:
             log.exception("notification round of %d failed; releasing", len(jobs))
             with contextlib.suppress(Exception):
                 await self.store.release([j.id for j in jobs])
+            if pace is not None:
+                pace.observe(RoundReport(time.perf_counter() - t0, error=True,
+                                         channels_down=self.channels_down()))
             return 0
+        took = time.perf_counter() - t0
         self.rounds += 1
         rec = self.recorder
-        rec.observe("conveyor_notification_round_seconds", time.perf_counter() - t0)
+        rec.observe("conveyor_notification_round_seconds", took)
+        tried = failed = 0
         for r in results:
             for a in r.attempts:
+                tried += 1
+                failed += a.status in (SendStatus.TRANSIENT, SendStatus.UNAVAILABLE)
                 rec.inc("conveyor_notification_attempts_total", channel=a.channel, status=a.status.value)
             if r.final is not None:
                 self.finished += 1
                 rec.inc("conveyor_notifications_final_total", state=r.final.value)
             else:
                 rec.inc("conveyor_notification_retries_total")
+            log_round_result(r)
+        if pace is not None:
+            pace.observe(RoundReport(took, tried, failed, self.channels_down()))
         return len(jobs)
 
     async def urgent_once(self) -> int:
-        """Kicked ids, then due retries and immediate ones whose kick was lost."""
+        """Kicked ids, then due retries and immediate ones whose kick was lost, in batches
+        of the pacer's size; stops early when the pacer is no longer at full pace."""
+        pace = self.urgent_pace
         done = 0
         while self._wanted:
-            ids, self._wanted = self._wanted[: self.batch_size], self._wanted[self.batch_size:]
-            done += await self.run_round(await self.store.claim_ids(ids, self.lease_s))
+            n = pace.batch
+            ids, self._wanted = self._wanted[:n], self._wanted[n:]
+            done += await self.run_round(await self.store.claim_ids(ids, self.lease_s), pace)
         while True:
-            jobs = await self.store.claim_urgent(self.batch_size, self.lease_s)
-            done += await self.run_round(jobs)
-            if len(jobs) < self.batch_size:
+            n = pace.batch
+            jobs = await self.store.claim_urgent(n, self.lease_s)
+            done += await self.run_round(jobs, pace)
+            if len(jobs) < n or pace.state != "normal":
                 return done
 
     async def flush_once(self) -> int:
-        """Queued notifications, in batches of ``batch_size`` until none is due."""
+        """Queued notifications, in batches of the pacer's size until none is due (or the
+        pacer slows down: the rest waits for the next flush)."""
+        pace = self.flush_pace
         done = 0
         while True:
-            jobs = await self.store.claim_queued(self.batch_size, self.lease_s)
-            done += await self.run_round(jobs)
-            if len(jobs) < self.batch_size:
+            n = pace.batch
+            jobs = await self.store.claim_queued(n, self.lease_s)
+            done += await self.run_round(jobs, pace)
+            if len(jobs) < n or pace.state != "normal":
                 return done
 
+    async def purge_once(self) -> int:
+        """Expired idempotency keys removed now."""
+        removed = await self.store.purge_expired()
+        self._purged_at = time.monotonic()
+        self.purged += removed
+        if removed:
+            log.info("purged %d expired idempotency keys", removed)
+        return removed
+
+    async def _paced(self, pace: DispatchPacer, work: Callable[[], Awaitable[int]]) -> None:
+        """One tick of a loop: pause while every channel is down, else run ``work``; an
+        idle tick counts as a healthy round (the pace recovers when the work is done)."""
+        if pace.paused and self.channels_down():
+            pace.observe(RoundReport(0.0, channels_down=True))
+            self._wanted.clear()  # immediate ones are claimed by the urgent loop anyway
+            return
+        try:
+            if await work() == 0:
+                pace.observe(RoundReport(0.0, channels_down=self.channels_down()))
+        except Exception:
+            log.exception("notification dispatch tick failed")
+            pace.observe(RoundReport(0.0, error=True))
+
     async def _urgent_loop(self) -> None:
+        pace = self.urgent_pace
         while True:
+            t0 = time.monotonic()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+                await asyncio.wait_for(self._wake.wait(), pace.interval_s)
+            if pace.state != "normal":  # slowed down: a kick does not cut the interval short
+                rest = pace.interval_s - (time.monotonic() - t0)
+                if rest > 0:
+                    await asyncio.sleep(rest)
             self._wake.clear()
-            try:
-                await self.urgent_once()
-            except Exception:
-                log.exception("urgent dispatch failed")
-                await asyncio.sleep(self.tick_s)
+            await self._paced(pace, self.urgent_once)
 
     async def _flush_loop(self) -> None:
+        pace = self.flush_pace
         while True:
-            await asyncio.sleep(self.flush_interval_s)
-            try:
-                await self.flush_once()
-            except Exception:
-                log.exception("queued flush failed")
+            if self._purged_at is None or time.monotonic() - self._purged_at >= self.purge_interval_s:
+                try:
+                    await self.purge_once()
+                except Exception:
+                    log.exception("purging expired idempotency keys failed")
+                    self._purged_at = time.monotonic()
+            await asyncio.sleep(pace.interval_s)
+            await self._paced(pace, self.flush_once)
+
+    def pace(self) -> dict[str, Any]:
+        return {name: {"state": p.state, "batch": p.batch, "intervalS": p.interval_s}
+                for name, p in (("urgent", self.urgent_pace), ("flush", self.flush_pace))}
+
+
+def log_round_result(r: RoundResult) -> None:
+    """One JSON line per dispatch attempt (and per outcome), the notification id as trace id."""
+    for a in r.attempts:
+        log.info(orjson.dumps({
+            "event": "notification_attempt", "traceId": a.notification_id,
+            "contact": a.contact_index, "channel": a.channel, "attempt": a.attempt,
+            "status": a.status.value, "detail": a.detail, "durationMs": round(a.duration_s * 1000, 1),
+        }).decode(), extra={"trace_id": a.notification_id})
+    outcome: dict[str, Any] = {"event": "notification_round", "traceId": r.job.id,
+                               "round": r.job.round}
+    if r.final is not None:
+        outcome["state"] = r.final.value
+    else:
+        outcome["retryInS"] = round(r.retry_in_s, 3)
+    log.info(orjson.dumps(outcome).decode(), extra={"trace_id": r.job.id})
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, num_replicas=1, max_ongoing_requests=100)
@@ -433,7 +598,8 @@ class NotificationDispatcher:
             RetryPolicy(s.notification_max_attempts, s.notification_retry_base_s,
                         s.notification_retry_max_s),
             batch_size=s.notification_batch_size, flush_interval_s=s.notification_flush_interval_s,
-            lease_s=s.notification_lease_s)
+            lease_s=s.notification_lease_s, round_target_s=s.notification_round_target_s,
+            purge_interval_s=s.idempotency_purge_interval_s)
         self.metrics: Any = None
         try:
             from cluster.telemetry import MetricsPusher
@@ -457,7 +623,7 @@ class NotificationDispatcher:
 
     async def stats(self) -> dict[str, Any]:
         return {"rounds": self.engine.rounds, "finished": self.engine.finished,
-                **await self.store.stats()}
+                "pace": self.engine.pace(), **await self.store.stats()}
 
     async def check_health(self) -> None:
         await self.ping()

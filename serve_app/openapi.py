@@ -31,31 +31,78 @@ FULL_EXAMPLE = {
     "isImmediate": True,
     "strategy": "send_to_first_available",
 }
-ARRAY_EXAMPLE = [
+ARRAY_EXAMPLE: list[dict[str, Any]] = [
     {"contacts": [{"type": "email", "value": "user1@example.com"}], "message": "Привет, user1!",
      "isImmediate": True},
     {"contacts": [{"type": "bitrix", "value": 12345}], "message": "Привет, user2!",
      "strategy": "send_to_all_available"},
 ]
-TOO_SMALL = {"code": "too_small", "message": "List must contain at least 1 element(s)",
-             "path": ["contacts"]}
+# Examples of responses are exactly what the server answers to the request examples of
+# the same name (ids and timestamps aside); a contract test sends each one and compares.
+SUBJECT_EXAMPLE = {"id": "user-123"}
+
+
+def _accepted(item: dict[str, Any], nid: str) -> dict[str, Any]:
+    return {"id": nid, "createdAt": "2025-12-14T12:00:00.000Z", "contacts": item["contacts"],
+            "message": item["message"], "isImmediate": item.get("isImmediate", False),
+            "strategy": item.get("strategy", STRATEGIES[0]), "subject": SUBJECT_EXAMPLE}
+
+
+IDS = ["0b3f6c1e-8d2a-4f4b-9a53-1c2d3e4f5a6b", "5c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f"]
+BAD_ITEM = {"contacts": [], "message": ""}
+# Every issue of the item is listed, in order, each exactly {code, message, path}.
+BAD_ITEM_ERRORS = [
+    {"code": "too_small", "message": "List must contain at least 1 element(s)", "path": ["contacts"]},
+    {"code": "too_small", "message": "String must contain at least 1 character(s)", "path": ["message"]},
+]
+OK_ITEM = {"contacts": [{"type": "email", "value": "ok@ok.com"}], "message": "Hi",
+           "isImmediate": True, "strategy": "send_to_first_available"}
+OK_BITRIX_ITEM = {"contacts": [{"type": "bitrix", "value": 12345}], "message": "Hi",
+                  "isImmediate": False, "strategy": "send_to_all_available"}
+PARTIAL_EXAMPLE = [OK_ITEM, OK_BITRIX_ITEM, BAD_ITEM]
 MULTI_STATUS_EXAMPLE = {
     "message": "Уведомления приняты частично: 2 принято, 1 отклонено",
     "totalCount": 3, "acceptedCount": 2, "rejectedCount": 1,
     "details": [
-        {"status": "success", "notification": {
-            "id": "0b3f6c1e-8d2a-4f4b-9a53-1c2d3e4f5a6b", "createdAt": "2025-12-14T12:00:00.000Z",
-            "contacts": [{"type": "email", "value": "ok@ok.com"}], "message": "Hi",
-            "isImmediate": True, "strategy": "send_to_first_available",
-            "subject": {"id": "user-123"}}},
-        {"status": "failure", "notification": {"contacts": [], "message": ""}, "error": [TOO_SMALL]},
+        {"status": "success", "notification": _accepted(OK_ITEM, IDS[0])},
+        {"status": "success", "notification": _accepted(OK_BITRIX_ITEM, IDS[1])},
+        {"status": "failure", "notification": BAD_ITEM, "error": BAD_ITEM_ERRORS},
     ],
 }
 BAD_REQUEST_EXAMPLE = {
     "error": "HTTP 400 Bad Request",
     "message": "Ни одно уведомление не прошло валидацию",
-    "details": [{"item": {"contacts": [], "message": ""}, "error": [TOO_SMALL]}],
+    "details": [{"item": BAD_ITEM, "error": BAD_ITEM_ERRORS}],
 }
+
+
+def _accepted_all(items: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(items)
+    return {"message": f"Все уведомления приняты в обработку: {n} принято", "totalCount": n,
+            "acceptedCount": n, "rejectedCount": 0,
+            "details": [{"status": "success", "notification": _accepted(item, IDS[i % 2])}
+                        for i, item in enumerate(items)]}
+
+
+REQUEST_EXAMPLES: dict[str, tuple[str, Any]] = {
+    "single": ("One notification", SINGLE_EXAMPLE),
+    "full": ("Two contacts, immediate", FULL_EXAMPLE),
+    "array": ("Array of notifications", ARRAY_EXAMPLE),
+    "partial": ("Some valid, one not: 207", PARTIAL_EXAMPLE),
+    "invalid": ("None valid: 400", BAD_ITEM),
+}
+# status → {request example name → response example}
+RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
+    "202": {"single": _accepted_all([SINGLE_EXAMPLE]), "full": _accepted_all([FULL_EXAMPLE]),
+            "array": _accepted_all(ARRAY_EXAMPLE)},
+    "207": {"partial": MULTI_STATUS_EXAMPLE},
+    "400": {"invalid": BAD_REQUEST_EXAMPLE},
+}
+
+
+def _examples(status: str) -> dict[str, Any]:
+    return {name: {"summary": f"Answer to the '{name}' request example", "value": value}
+            for name, value in RESPONSE_EXAMPLES[status].items()}
 
 
 def _problem(description: str, example: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +110,10 @@ def _problem(description: str, example: dict[str, Any]) -> dict[str, Any]:
         "schema": {"$ref": REF + "Problem"}, "example": example}}}
 
 
-def document() -> dict[str, Any]:
+def document(settings: Any = None) -> dict[str, Any]:
+    """The OpenAPI document; limits follow ``settings`` (defaults without)."""
+    max_contacts = getattr(settings, "notification_max_contacts", MAX_CONTACTS)
+    max_message = getattr(settings, "notification_max_message_chars", MAX_MESSAGE_CHARS)
     contact_common = {"type": "object", "additionalProperties": False, "required": ["type", "value"]}
     schemas: dict[str, Any] = {
         "EmailContact": {**contact_common, "properties": {
@@ -87,9 +137,9 @@ def document() -> dict[str, Any]:
             "description": "One notification for one recipient. `id` and `subject` are set by "
                            "the server and may not be sent.",
             "properties": {
-                "contacts": {"type": "array", "minItems": 1, "maxItems": MAX_CONTACTS,
+                "contacts": {"type": "array", "minItems": 1, "maxItems": max_contacts,
                              "items": {"$ref": REF + "Contact"}},
-                "message": {"type": "string", "minLength": 1, "maxLength": MAX_MESSAGE_CHARS},
+                "message": {"type": "string", "minLength": 1, "maxLength": max_message},
                 "isImmediate": {"type": "boolean", "default": False},
                 "strategy": {"$ref": REF + "Strategy"},
             },
@@ -110,12 +160,16 @@ def document() -> dict[str, Any]:
                 "subject": {"$ref": REF + "Subject"},
             },
         },
-        "ValidationIssue": {"type": "object", "required": ["code", "message", "path"], "properties": {
-            "code": {"type": "string", "enum": ["too_small", "too_big", "invalid_type",
-                                                "invalid_enum_value", "invalid_string",
-                                                "unrecognized_keys"]},
-            "message": {"type": "string"},
-            "path": {"type": "array", "items": {"type": ["string", "integer"]}}}},
+        "ValidationIssue": {
+            "type": "object", "required": ["code", "message", "path"], "additionalProperties": False,
+            "description": "One problem of an item, exactly as the contract shows it. Every "
+                           "problem of the item is listed.",
+            "properties": {
+                "code": {"type": "string", "enum": ["too_small", "too_big", "invalid_type",
+                                                    "invalid_enum_value", "invalid_string",
+                                                    "unrecognized_keys", "custom"]},
+                "message": {"type": "string"},
+                "path": {"type": "array", "items": {"type": ["string", "integer"]}}}},
         "ItemResult": {"oneOf": [
             {"type": "object", "required": ["status", "notification"], "properties": {
                 "status": {"const": "success"}, "notification": {"$ref": REF + "Notification"}}},
@@ -152,8 +206,9 @@ def document() -> dict[str, Any]:
         {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS,
          "items": {"$ref": REF + "IncomingNotification"}},
     ]}
-    auth_error = _problem("Missing, invalid or expired JWT.",
-                          {"error": "HTTP 401 Unauthorized", "message": "token has expired",
+    auth_error = _problem("Missing, invalid or expired JWT (messages in Russian; "
+                          "`Accept-Language: en` for English).",
+                          {"error": "HTTP 401 Unauthorized", "message": "Срок действия токена истёк",
                            "code": "token_expired"})
     return {
         "openapi": "3.1.0",
@@ -177,34 +232,41 @@ def document() -> dict[str, Any]:
                                                "the same response and sends nothing twice."}],
                 "requestBody": {"required": True, "content": {"application/json": {
                     "schema": request_schema,
-                    "examples": {
-                        "single": {"summary": "One notification", "value": SINGLE_EXAMPLE},
-                        "full": {"summary": "Two contacts, immediate", "value": FULL_EXAMPLE},
-                        "array": {"summary": "Array of notifications", "value": ARRAY_EXAMPLE},
-                    }}}},
+                    "examples": {name: {"summary": summary, "value": value}
+                                 for name, (summary, value) in REQUEST_EXAMPLES.items()},
+                }}},
                 "responses": {
                     "202": {"description": "Every notification is valid and accepted.",
-                            "content": {"application/json": {"schema": {"$ref": REF + "AcceptResult"}}}},
+                            "content": {"application/json": {"schema": {"$ref": REF + "AcceptResult"},
+                                                             "examples": _examples("202")}}},
                     "207": {"description": "Some notifications were accepted, some rejected.",
                             "content": {"application/json": {"schema": {"$ref": REF + "AcceptResult"},
-                                                             "example": MULTI_STATUS_EXAMPLE}}},
-                    "400": _problem("No notification passed validation (or the body is not JSON, "
-                                    "or the array is empty or longer than 100).", BAD_REQUEST_EXAMPLE),
+                                                             "examples": _examples("207")}}},
+                    "400": {"description": "No notification passed validation (or the body is not "
+                                           "JSON, or the array is empty or longer than 100).",
+                            "content": {"application/json": {"schema": {"$ref": REF + "Problem"},
+                                                             "examples": _examples("400")}}},
                     "401": auth_error,
                     "403": _problem("The token lacks the required role.",
-                                    {"error": "HTTP 403 Forbidden",
-                                     "message": "role 'notifications:send' is required"}),
+                                    {"error": "HTTP 403 Forbidden", "code": "forbidden",
+                                     "message": "Требуется роль 'notifications:send'"}),
                     "409": _problem("A request with this Idempotency-Key is still in flight.",
-                                    {"error": "HTTP 409 Conflict", "message": "..."}),
-                    "413": _problem("The body is too large.",
-                                    {"error": "HTTP 413 Request Entity Too Large", "message": "..."}),
+                                    {"error": "HTTP 409 Conflict", "code": "idempotency_key_in_flight",
+                                     "message": "Запрос с этим ключом идемпотентности ещё обрабатывается"}),
+                    "413": _problem("The body is too large (`max_request_bytes`).",
+                                    {"error": "HTTP 413 Request Entity Too Large", "code": "too_large",
+                                     "message": "Тело запроса слишком велико"}),
                     "422": _problem("The Idempotency-Key was used with another body.",
-                                    {"error": "HTTP 422 Unprocessable Content", "message": "..."}),
-                    "500": _problem("Internal error (a dependency failed).",
-                                    {"error": "HTTP 500 Internal Server Error",
+                                    {"error": "HTTP 422 Unprocessable Content",
+                                     "code": "idempotency_key_reused",
+                                     "message": "Ключ идемпотентности уже использован с другим "
+                                                "телом запроса"}),
+                    "500": _problem("Internal error (a dependency failed, e.g. the database or "
+                                    "the token issuer's keys, code `jwks_unavailable`).",
+                                    {"error": "HTTP 500 Internal Server Error", "code": "internal",
                                      "message": "Внутренняя ошибка сервера"}),
-                    "504": _problem("The request took too long.",
-                                    {"error": "HTTP 504 Gateway Timeout",
+                    "504": _problem("The request took too long (`request_timeout_s`).",
+                                    {"error": "HTTP 504 Gateway Timeout", "code": "timeout",
                                      "message": "Превышено время обработки запроса"}),
                 },
             }},
@@ -266,8 +328,6 @@ ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-prese
           "favicon-32x32.png", "favicon-16x16.png"}
 
 
-async def openapi_json(request: Request) -> Response:
-    return json_response(document())
 
 
 async def docs_page(request: Request) -> Response:
@@ -286,7 +346,12 @@ async def docs_asset(request: Request) -> Response:
                     headers={"Cache-Control": "public, max-age=86400"})
 
 
-def docs_routes() -> list[BaseRoute]:
+def docs_routes(settings: Any = None) -> list[BaseRoute]:
+    doc = document(settings)
+
+    async def openapi_json(request: Request) -> Response:
+        return json_response(doc)
+
     return [
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/api-docs", docs_page, methods=["GET"]),

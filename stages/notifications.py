@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
+from stages.feedback import PaceConfig, Pacer
 from stages.model import Envelope, Outcome
 from stages.resolver import ConfigError, StageRegistry
 
@@ -40,9 +41,17 @@ DEFAULT_STRATEGY = "send_to_first_available"
 ITEM_KEYS = ("contacts", "message", "isImmediate", "strategy")
 CONTACT_KEYS = ("type", "value")
 MAX_ITEMS = 100
-MAX_CONTACTS = 20
+MAX_CONTACTS = 20  # defaults of the settings notification_max_contacts / _max_message_chars
 MAX_MESSAGE_CHARS = 10_000
 MAX_EMAIL_CHARS = 254
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-item limits beyond the contract's own (at least one contact, a non-empty message)."""
+
+    max_contacts: int = MAX_CONTACTS
+    max_message_chars: int = MAX_MESSAGE_CHARS
 
 # The e-mail rule of the schema library the contract's messages come from.
 EMAIL_RE = re.compile(
@@ -54,8 +63,11 @@ PathPart = str | int
 Issue = dict[str, Any]
 
 
-def issue(code: str, message: str, path: Sequence[PathPart], **extra: Any) -> Issue:
-    return {"code": code, "message": message, "path": list(path), **extra}
+def issue(code: str, message: str, path: Sequence[PathPart]) -> Issue:
+    """An issue is exactly ``{code, message, path}``, the shape the contract shows (Zod's
+    own extra keys such as ``minimum`` or ``keys`` are not part of it; the message says
+    the same in words)."""
+    return {"code": code, "message": message, "path": list(path)}
 
 
 def type_name(value: Any) -> str:
@@ -79,35 +91,30 @@ def type_name(value: Any) -> str:
 
 def _invalid_type(expected: str, value: Any, path: Sequence[PathPart]) -> Issue:
     got = type_name(value)
-    return issue("invalid_type", f"Expected {expected}, received {got}", path,
-                 expected=expected, received=got)
+    return issue("invalid_type", f"Expected {expected}, received {got}", path)
 
 
 def _required(expected: str, path: Sequence[PathPart]) -> Issue:
-    return issue("invalid_type", "Required", path, expected=expected, received="undefined")
+    return issue("invalid_type", "Required", path)
 
 
 def _enum(options: Sequence[str], value: Any, path: Sequence[PathPart]) -> Issue:
     expected = " | ".join(f"'{o}'" for o in options)
     return issue("invalid_enum_value",
-                 f"Invalid enum value. Expected {expected}, received '{value}'", path,
-                 options=list(options), received=value)
+                 f"Invalid enum value. Expected {expected}, received '{value}'", path)
 
 
 def _unrecognized(keys: Sequence[str], path: Sequence[PathPart]) -> Issue:
     names = ", ".join(f"'{k}'" for k in keys)
-    return issue("unrecognized_keys", f"Unrecognized key(s) in object: {names}", path,
-                 keys=list(keys))
+    return issue("unrecognized_keys", f"Unrecognized key(s) in object: {names}", path)
 
 
 def list_size_issues(value: Sequence[Any], path: Sequence[PathPart], minimum: int,
                      maximum: int) -> list[Issue]:
     if len(value) < minimum:
-        return [issue("too_small", f"List must contain at least {minimum} element(s)", path,
-                      minimum=minimum, type="array", inclusive=True)]
+        return [issue("too_small", f"List must contain at least {minimum} element(s)", path)]
     if len(value) > maximum:
-        return [issue("too_big", f"List must contain at most {maximum} element(s)", path,
-                      maximum=maximum, type="array", inclusive=True)]
+        return [issue("too_big", f"List must contain at most {maximum} element(s)", path)]
     return []
 
 
@@ -129,9 +136,9 @@ def _contact_issues(contact: Any, path: list[PathPart]) -> list[Issue]:
             out.append(_invalid_type("string", value, vpath))
         elif len(value) > MAX_EMAIL_CHARS:
             out.append(issue("too_big", f"String must contain at most {MAX_EMAIL_CHARS} character(s)",
-                             vpath, maximum=MAX_EMAIL_CHARS, type="string", inclusive=True))
+                             vpath))
         elif not EMAIL_RE.match(value):
-            out.append(issue("invalid_string", "Invalid email", vpath, validation="email"))
+            out.append(issue("invalid_string", "Invalid email", vpath))
     elif ctype == "bitrix":
         if "value" not in contact:
             out.append(_required("number", vpath))
@@ -140,15 +147,14 @@ def _contact_issues(contact: Any, path: list[PathPart]) -> list[Issue]:
         elif isinstance(value, float) and not value.is_integer():
             out.append(_invalid_type("integer", value, vpath))
         elif value <= 0:
-            out.append(issue("too_small", "Number must be greater than 0", vpath,
-                             minimum=0, type="number", inclusive=False))
+            out.append(issue("too_small", "Number must be greater than 0", vpath))
     extra = [k for k in contact if k not in CONTACT_KEYS]
     if extra:
         out.append(_unrecognized(extra, path))
     return out
 
 
-def validate_item(item: Any) -> tuple[dict[str, Any] | None, list[Issue]]:
+def validate_item(item: Any, limits: Limits = Limits()) -> tuple[dict[str, Any] | None, list[Issue]]:
     """One notification as sent → (normalised notification, []) or (None, issues).
 
     Every problem is reported, not only the first. Unknown keys (including ``id`` and
@@ -163,7 +169,7 @@ def validate_item(item: Any) -> tuple[dict[str, Any] | None, list[Issue]]:
     elif not isinstance(contacts, list):
         issues.append(_invalid_type("array", contacts, ["contacts"]))
     else:
-        issues += list_size_issues(contacts, ["contacts"], 1, MAX_CONTACTS)
+        issues += list_size_issues(contacts, ["contacts"], 1, limits.max_contacts)
         for i, c in enumerate(contacts):
             issues += _contact_issues(c, ["contacts", i])
     message = item.get("message")
@@ -172,11 +178,11 @@ def validate_item(item: Any) -> tuple[dict[str, Any] | None, list[Issue]]:
     elif not isinstance(message, str):
         issues.append(_invalid_type("string", message, ["message"]))
     elif not message:
-        issues.append(issue("too_small", "String must contain at least 1 character(s)", ["message"],
-                            minimum=1, type="string", inclusive=True))
-    elif len(message) > MAX_MESSAGE_CHARS:
-        issues.append(issue("too_big", f"String must contain at most {MAX_MESSAGE_CHARS} character(s)",
-                            ["message"], maximum=MAX_MESSAGE_CHARS, type="string", inclusive=True))
+        issues.append(issue("too_small", "String must contain at least 1 character(s)", ["message"]))
+    elif len(message) > limits.max_message_chars:
+        issues.append(issue("too_big",
+                            f"String must contain at most {limits.max_message_chars} character(s)",
+                            ["message"]))
     immediate = item.get("isImmediate", False)
     if not isinstance(immediate, bool):
         issues.append(_invalid_type("boolean", immediate, ["isImmediate"]))
@@ -223,16 +229,65 @@ class NotificationDraft:
     created_at: float  # seconds since the epoch
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """The final response of a request that carried an ``Idempotency-Key``, stored in the
+    same transaction as the notifications it accepted. ``claim`` identifies this request's
+    hold on the key (another request may have taken an abandoned key over)."""
+
+    subject_id: str
+    key: str
+    claim: str
+    status: int
+    body: bytes
+
+
+class IdempotencyLost(Exception):
+    """The key is no longer held by this request: nothing was stored."""
+
+
+class AcceptRequest:
+    """What the envelopes of one POST share (``meta["request"]``): the idempotency claim,
+    if any, and how the request's response is built from the validated envelopes. The
+    response is built once and cached, so what is stored with the key is exactly what the
+    client is answered."""
+
+    def __init__(self, respond: Callable[[], tuple[int, bytes]], *, subject_id: str | None = None,
+                 key: str | None = None, claim: str | None = None) -> None:
+        self._respond = respond
+        self._response: tuple[int, bytes] | None = None
+        self.subject_id = subject_id
+        self.key = key
+        self.claim = claim
+        self.persisted = False  # the notifications (and the key's response) were committed
+
+    def response(self) -> tuple[int, bytes]:
+        if self._response is None:
+            self._response = self._respond()
+        return self._response
+
+    def record(self) -> IdempotencyRecord | None:
+        if self.key is None or self.subject_id is None or self.claim is None:
+            return None
+        status, body = self.response()
+        return IdempotencyRecord(self.subject_id, self.key, self.claim, status, body)
+
+
 class NotificationStore(Protocol):
     """Where accepted notifications live until they reach a final state.
 
     Guarantees: ``accept`` stores the notifications *and* their outbox entries in one
     transaction — when it returns, every one of them will be dispatched even if this
     process dies right after (the dispatcher's outbox loop resumes it); when it raises,
-    none was stored. Storing an id twice is refused (the whole call raises).
+    none was stored. Storing an id twice is refused (the whole call raises). With an
+    ``idempotency`` record, the key is marked done with its response in that same
+    transaction, so a repeat of the request after the commit always replays the response
+    and never stores (sends) again; if the key is no longer held by ``record.claim`` it
+    raises ``IdempotencyLost`` and stores nothing.
     """
 
-    async def accept(self, drafts: Sequence[NotificationDraft]) -> None: ...
+    async def accept(self, drafts: Sequence[NotificationDraft],
+                     idempotency: IdempotencyRecord | None = None) -> None: ...
 
 
 class DispatchKick(Protocol):
@@ -290,7 +345,8 @@ class Channel(Protocol):
     it raises only when the whole batch could not be attempted, which callers treat as
     transient for every item. Delivery is at-least-once: a message sent just before the
     process died may be sent again when the outbox resumes it. ``available`` is False
-    while the channel should not be tried (its circuit breaker is open).
+    while the channel should not be tried (its circuit breaker is open); a channel may
+    also say how long that lasts with ``retry_after_s()`` (see ``GuardedChannel``).
     """
 
     kind: str
@@ -333,6 +389,12 @@ class CircuitBreaker:
             return BreakerState.HALF_OPEN
         return BreakerState.OPEN
 
+    def remaining_s(self) -> float:
+        """Seconds until an open breaker lets a trial through (0 when not open)."""
+        if self.opened_at is None:
+            return 0.0
+        return max(0.0, self.reset_s - (self.clock() - self.opened_at))
+
     def allow(self) -> bool:
         state = self.state
         if state is BreakerState.CLOSED:
@@ -365,6 +427,9 @@ class GuardedChannel:
 
     def available(self) -> bool:
         return self.inner.available() and self.breaker.state is not BreakerState.OPEN
+
+    def retry_after_s(self) -> float:
+        return self.breaker.remaining_s()
 
     async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
         if not deliveries:
@@ -492,6 +557,17 @@ def _settle(job: Job, policy: RetryPolicy, rng: Callable[[], float]) -> tuple[Fi
     return FinalState.FAILED, 0.0
 
 
+SKIP_WAIT_MIN_S = 1.0  # a passed-over job comes back no sooner than this
+
+
+def _retry_after(channel: Channel) -> float:
+    hint = getattr(channel, "retry_after_s", None)
+    try:
+        return float(hint()) if callable(hint) else 0.0
+    except Exception:
+        return 0.0
+
+
 async def dispatch_round(
     jobs: Sequence[Job],
     channels: Mapping[str, Channel],
@@ -509,13 +585,18 @@ async def dispatch_round(
     permanent failure fails that contact.
     ``send_to_all_available``: every pending contact is tried in the same round,
     independently.
-    Every contact tried in a round uses one of its ``policy.max_attempts`` attempts
-    (a breaker-open pass counts too, so a job always ends); a contact out of attempts has
-    failed. Jobs with pending contacts come back with ``retry_in_s`` (backoff + jitter).
+    Every contact really sent to in a round uses one of its ``policy.max_attempts``
+    attempts; a contact out of attempts has failed. A contact passed over because its
+    channel is not working (``unavailable``) uses none: the pass-over is recorded (with
+    the number of attempts used so far) but a short outage fails nothing. Jobs with
+    pending contacts come back with ``retry_in_s``: backoff + jitter after a real attempt,
+    else the time until a passed-over channel may be tried again (its breaker's remaining
+    reset time). ``job.round`` counts rounds with at least one real attempt.
     """
     attempts: dict[str, list[Attempt]] = {j.id: [] for j in jobs}
+    tried: set[str] = set()  # jobs with at least one real send this round
+    waits: dict[str, float] = {}  # job → seconds until a passed-over channel may work
     for job in jobs:
-        job.round += 1
         for i, contact in enumerate(job.contacts):
             if job.progress[i].status is ContactStatus.PENDING and contact.get("type") not in channels:
                 job.progress[i].status = ContactStatus.SKIPPED
@@ -554,6 +635,15 @@ async def dispatch_round(
             took = (clock() - t0) / max(1, len(items))
             for (job, i), res in zip(items, results, strict=True):
                 prog = job.progress[i]
+                if res.status is SendStatus.UNAVAILABLE:
+                    # Passed over, not tried: no attempt is used.
+                    prog.last_error = res.detail
+                    attempts[job.id].append(Attempt(job.id, i, kind, prog.attempts, res.status,
+                                                    res.detail, 0.0))
+                    wait = max(SKIP_WAIT_MIN_S, _retry_after(channel))
+                    waits[job.id] = min(waits.get(job.id, wait), wait)
+                    continue
+                tried.add(job.id)
                 prog.attempts += 1
                 attempts[job.id].append(Attempt(job.id, i, kind, prog.attempts, res.status,
                                                 res.detail, took))
@@ -568,15 +658,88 @@ async def dispatch_round(
     out: list[RoundResult] = []
     for job_id, tries in attempts.items():
         job = by_id[job_id]
+        if job_id in tried:
+            job.round += 1
         final, delay = _settle(job, policy, rng)
+        if final is None and job_id not in tried and job_id in waits:
+            # Only passed over: come back when the channel may work again (a little
+            # jitter spreads the jobs that wait for the same breaker).
+            delay = waits[job_id] * (1.0 + 0.1 * rng())
         if final is None and job.round >= policy.max_attempts * max(1, len(job.contacts)):
-            # Safety net: never keep a job forever.
+            # Safety net: never keep a job forever (rounds with real attempts only).
             for p in job.progress:
                 if p.status is ContactStatus.PENDING:
                     p.status = ContactStatus.FAILED
             final, delay = _settle(job, policy, rng)
         out.append(RoundResult(job, tries, final, delay))
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Pacing of the dispatcher's loops (the feedback loop of stages/feedback.py)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoundReport:
+    """What one dispatch round saw downstream."""
+
+    latency_s: float  # how long the round took (sends + recording)
+    attempts: int = 0  # real sends plus pass-overs
+    failures: int = 0  # transient failures and pass-overs (channel not working)
+    channels_down: bool = False  # every configured channel is not working now
+    error: bool = False  # the round could not run (store or channel raised)
+
+
+class DispatchPacer:
+    """How much a dispatcher loop claims per round and how long it waits between rounds.
+
+    An AIMD ``Pacer``: a round slower than ``target_latency_s``, a round that failed, or
+    one where at least ``failure_ratio`` of the attempts failed transiently or found their
+    channel not working halves the batch and doubles the interval (up to
+    ``max_interval_s``); a healthy round grows the batch by a tenth of ``batch_size`` and
+    halves the interval back towards ``interval_s``. When every channel is down the loop
+    is *paused*: it claims nothing (claiming would only pass work over) until a channel
+    works again — a breaker half-opening is enough — and then recovers by itself.
+    """
+
+    def __init__(self, batch_size: int, interval_s: float, *, target_latency_s: float = 10.0,
+                 failure_ratio: float = 0.5, max_interval_s: float | None = None) -> None:
+        batch_size = max(1, batch_size)
+        self.failure_ratio = failure_ratio
+        self.pacer = Pacer(PaceConfig(
+            min_interval_s=interval_s,
+            max_interval_s=max(interval_s, max_interval_s if max_interval_s is not None
+                               else max(interval_s * 16, 30.0)),
+            min_batch=max(1, batch_size // 10),
+            max_batch=batch_size,
+            step=max(1, batch_size // 10),
+            target_latency_s=target_latency_s,
+            # "backlog" here is 1 when every channel is down: that alone pauses the loop.
+            high_backlog=1,
+            saturated_backlog=1,
+        ))
+
+    @property
+    def batch(self) -> int:
+        return self.pacer.batch
+
+    @property
+    def interval_s(self) -> float:
+        return self.pacer.interval_s
+
+    @property
+    def paused(self) -> bool:
+        return self.pacer.paused
+
+    @property
+    def state(self) -> str:
+        return self.pacer.state
+
+    def observe(self, report: RoundReport) -> None:
+        failing = report.attempts > 0 and report.failures >= self.failure_ratio * report.attempts
+        self.pacer.observe(latency_s=report.latency_s, backlog=1 if report.channels_down else 0,
+                           refused=report.error or failing)
 
 
 # --------------------------------------------------------------------------------------
@@ -589,13 +752,15 @@ class ValidateNotification:
 
     name = "validate_notification"
 
-    def __init__(self, id_factory: Callable[[], str] = lambda: str(uuid.uuid4())) -> None:
+    def __init__(self, id_factory: Callable[[], str] = lambda: str(uuid.uuid4()),
+                 limits: Limits = Limits()) -> None:
         self.id_factory = id_factory
+        self.limits = limits
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         out: list[Outcome] = []
         for env in batch:
-            normalised, issues = validate_item(env.fields.get("notification"))
+            normalised, issues = validate_item(env.fields.get("notification"), self.limits)
             if normalised is None:
                 env.meta["errors"] = issues
                 out.append(Outcome.reject(env, "invalid", "; ".join(i["message"] for i in issues)))
@@ -613,7 +778,9 @@ class ValidateNotification:
 
 
 class PersistNotification:
-    """Stores the batch's valid notifications with their outbox entries (one transaction)."""
+    """Stores the batch's valid notifications with their outbox entries (one transaction)
+    and, when the request carries an idempotency key (``meta["request"]``, an
+    ``AcceptRequest``), the key's final response in that same transaction."""
 
     name = "persist_notification"
 
@@ -630,7 +797,15 @@ class PersistNotification:
                 strategy=n["strategy"], created_at=env.received_at,
             ))
         if drafts:
-            await self.store.accept(drafts)
+            request = next((e.meta["request"] for e in batch
+                            if isinstance(e.meta.get("request"), AcceptRequest)), None)
+            record = request.record() if request is not None else None
+            if record is not None:
+                await self.store.accept(drafts, idempotency=record)
+            else:
+                await self.store.accept(drafts)
+            if request is not None:
+                request.persisted = True
         return [Outcome.ok(env) for env in batch]
 
 
@@ -659,7 +834,14 @@ def register_notification_stages(reg: StageRegistry) -> None:
         except KeyError:
             raise ConfigError(f"stage {stage!r} needs port {name!r}, which this host lacks") from None
 
-    reg.register("validate_notification", lambda o, p: ValidateNotification())
+    def limits(o: Mapping[str, Any], p: Mapping[str, Any]) -> Limits:
+        settings = p.get("settings")
+        return Limits(
+            int(o.get("max_contacts", getattr(settings, "notification_max_contacts", MAX_CONTACTS))),
+            int(o.get("max_message_chars",
+                      getattr(settings, "notification_max_message_chars", MAX_MESSAGE_CHARS))))
+
+    reg.register("validate_notification", lambda o, p: ValidateNotification(limits=limits(o, p)))
     reg.register("persist_notification",
                  lambda o, p: PersistNotification(port(p, "notification_store", "persist_notification")))
     reg.register("route_notification",

@@ -86,7 +86,9 @@ async def test_idempotent_repeat_sends_once(conveyor: App, app_db: Any) -> None:
 async def test_readiness_covers_the_dispatcher(conveyor: App) -> None:
     async with httpx.AsyncClient(base_url=conveyor.base_url, timeout=30) as c:
         r = await c.get("/health/ready")
-    assert r.json()["checks"]["notification_dispatcher"]["status"] == "up"
+    checks = r.json()["checks"]
+    assert checks["notification_dispatcher"]["status"] == "up"
+    assert checks["mail_dir"]["status"] == "up"  # the embedded default's .eml folder is writable
 
 
 async def test_swagger_ui_loads_in_headless_chromium_without_external_requests(conveyor: App) -> None:

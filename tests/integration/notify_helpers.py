@@ -1,14 +1,29 @@
-"""Helpers shared by the notification integration tests: the API on a Starlette app."""
+"""Helpers shared by the notification integration tests: the API on a Starlette app, a
+JWKS server (Keycloak-style RS256 keys), and the gateway's readiness endpoint."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
 import httpx
+import jwt
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from adapters.auth import DevKey, JwtVerifier
 from adapters.notifications_store import NotificationsStore
@@ -17,6 +32,14 @@ from deployments.notifications import NotificationApi
 from serve_app.bootstrap import load_resolver
 from serve_app.settings import Settings
 from stages.builtin import default_registry
+
+ISSUER = "http://keycloak.test/realms/conveyor"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class RecordingHandle:
@@ -35,10 +58,19 @@ class RecordingHandle:
 
                 return done()
 
+        class Ping:
+            def remote(self) -> Any:
+                async def up() -> bool:
+                    return True
+
+                return up()
+
         self.dispatch_now = Method()
+        self.ping = Ping()
 
 
-async def build_api(pool: asyncpg.Pool, data_dir: Path, store: Any = None, **overrides: Any
+async def build_api(pool: asyncpg.Pool, data_dir: Path, store: Any = None,
+                    verifier: JwtVerifier | None = None, **overrides: Any
                     ) -> tuple[Any, NotificationApi, RecordingHandle, DevKey]:
     settings = Settings(data_dir=data_dir, **overrides)
     store = store or NotificationsStore(pool)
@@ -47,14 +79,35 @@ async def build_api(pool: asyncpg.Pool, data_dir: Path, store: Any = None, **ove
         settings=settings,
     )
     services.resolver = load_resolver(settings, services.registry)
-    services.ports = lambda **more: {**services.extra, **more}
+    services.ports = lambda **more: {"settings": settings, **services.extra, **more}
     key = DevKey(data_dir)
-    verifier = JwtVerifier(issuer="conveyor-dev", audience="conveyor", client_id="conveyor", dev_key=key)
+    if verifier is None:
+        verifier = JwtVerifier(issuer="conveyor-dev", audience="conveyor", client_id="conveyor",
+                               dev_key=key)
     handle = RecordingHandle()
     api = await NotificationApi.open(settings, services, verifier, dispatcher=handle)
-    app = wrap(Starlette(routes=api.routes(), exception_handlers=EXCEPTION_HANDLERS),
+    routes = [*api.routes(), Route("/health/ready", gateway_ready(pool, data_dir, api), methods=["GET"])]
+    app = wrap(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS),
                timeout_s=settings.request_timeout_s, max_body_bytes=settings.max_request_bytes)
     return app, api, handle, key
+
+
+def gateway_ready(pool: asyncpg.Pool, data_dir: Path, api: NotificationApi) -> Any:
+    """The gateway's own ``/health/ready`` handler (``Gateway.ready``, unchanged) bound to
+    a stand-in gateway whose database is the test's and whose notification API is ``api``."""
+    from adapters.objects import LocalObjectStore
+    from deployments.gateway import Gateway
+
+    class Hub:
+        async def stats(self) -> list[dict[str, Any]]:
+            return []
+
+    (data_dir / "objects").mkdir(parents=True, exist_ok=True)
+    standin = SimpleNamespace(
+        _ensure_started=lambda: None, store=NotificationsStore(pool), hub=Hub(),
+        services=SimpleNamespace(objects=LocalObjectStore(data_dir / "objects", "http://api", b"s")),
+        handles={}, notifications=api)
+    return functools.partial(Gateway.func_or_class.ready, standin)
 
 
 def token(key: DevKey, user: str = "user-123", roles: list[str] | None = None, ttl_s: int = 600,
@@ -65,3 +118,65 @@ def token(key: DevKey, user: str = "user-123", roles: list[str] | None = None, t
 
 def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api")
+
+
+# --- JWKS -------------------------------------------------------------------------------
+class Key:
+    """An RSA signing key of the (Keycloak-like) issuer."""
+
+    def __init__(self, kid: str) -> None:
+        self.kid = kid
+        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def jwk(self) -> dict[str, Any]:
+        data = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key()))
+        return {**data, "kid": self.kid, "use": "sig", "alg": "RS256"}
+
+    def public_pem(self) -> bytes:
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def sign(self, **over: Any) -> str:
+        now = int(time.time())
+        claims = {"sub": "user-123", "preferred_username": "john", "name": "John Doe", "iss": ISSUER,
+                  "aud": "account", "azp": "conveyor", "iat": now, "exp": now + 300,
+                  "realm_access": {"roles": ["offline_access"]},
+                  "resource_access": {"conveyor": {"roles": ["notifications:send"]}}}
+        claims.update(over)
+        claims = {k: v for k, v in claims.items() if v is not None}
+        return jwt.encode(claims, self.private, algorithm="RS256", headers={"kid": self.kid})
+
+
+class JwksServer:
+    def __init__(self, keys: list[Key]) -> None:
+        self.keys = keys
+        self.fetches = 0
+        self.failing = False
+        self.gate: asyncio.Event | None = None  # when set: answers wait until it opens
+
+    async def jwks(self, request: Request) -> Response:
+        self.fetches += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failing:
+            return Response("unavailable", 503)
+        return JSONResponse({"keys": [k.jwk() for k in self.keys]})
+
+
+@asynccontextmanager
+async def jwks_server() -> AsyncIterator[tuple[JwksServer, str, Key]]:
+    """A JWKS endpoint at Keycloak's path on a free port: (server, its URL, the signing key)."""
+    key = Key("k1")
+    srv = JwksServer([key])
+    port = free_port()
+    app = Starlette(routes=[Route("/realms/conveyor/protocol/openid-connect/certs", srv.jwks)])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
+        await asyncio.sleep(0.01)
+    try:
+        yield srv, f"http://127.0.0.1:{port}/realms/conveyor/protocol/openid-connect/certs", key
+    finally:
+        server.should_exit = True
+        await task

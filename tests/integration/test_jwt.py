@@ -5,83 +5,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import jwt
 import pytest
-import uvicorn
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from adapters.auth import AuthError, JwksKeys, JwtVerifier
-
-ISSUER = "http://keycloak.test/realms/conveyor"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Key:
-    def __init__(self, kid: str) -> None:
-        self.kid = kid
-        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-    def jwk(self) -> dict[str, Any]:
-        data = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key()))
-        return {**data, "kid": self.kid, "use": "sig", "alg": "RS256"}
-
-    def public_pem(self) -> bytes:
-        return self.private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-    def sign(self, **over: Any) -> str:
-        now = int(time.time())
-        claims = {"sub": "user-123", "preferred_username": "john", "name": "John Doe", "iss": ISSUER,
-                  "aud": "account", "azp": "conveyor", "iat": now, "exp": now + 300,
-                  "realm_access": {"roles": ["offline_access"]},
-                  "resource_access": {"conveyor": {"roles": ["notifications:send"]}}}
-        claims.update(over)
-        claims = {k: v for k, v in claims.items() if v is not None}
-        return jwt.encode(claims, self.private, algorithm="RS256", headers={"kid": self.kid})
-
-
-class JwksServer:
-    def __init__(self, keys: list[Key]) -> None:
-        self.keys = keys
-        self.fetches = 0
-        self.failing = False
-
-    async def jwks(self, request: Request) -> Response:
-        self.fetches += 1
-        if self.failing:
-            return Response("unavailable", 503)
-        return JSONResponse({"keys": [k.jwk() for k in self.keys]})
+from tests.integration.notify_helpers import ISSUER, JwksServer, Key, free_port, jwks_server
 
 
 @pytest.fixture
 async def jwks() -> AsyncIterator[tuple[JwksServer, str, Key]]:
-    key = Key("k1")
-    srv = JwksServer([key])
-    port = free_port()
-    app = Starlette(routes=[Route("/realms/conveyor/protocol/openid-connect/certs", srv.jwks)])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
-        await asyncio.sleep(0.01)
-    yield srv, f"http://127.0.0.1:{port}/realms/conveyor/protocol/openid-connect/certs", key
-    server.should_exit = True
-    await task
+    async with jwks_server() as started:
+        yield started
 
 
 def verifier(url: str, **kw: Any) -> JwtVerifier:
@@ -188,14 +125,88 @@ async def test_last_good_key_set_is_kept_when_refresh_fails(jwks: Any) -> None:
     v = verifier(url, cache_s=0)  # every call wants a refresh
     await v.verify(key.sign())
     srv.failing = True
-    await asyncio.sleep(0.6)
-    p = await v.verify(key.sign())
-    assert p.user_id == "user-123" and srv.fetches >= 2
+    p = await v.verify(key.sign())  # served by the last good keys; a refresh starts
+    assert p.user_id == "user-123"
+    for _ in range(200):  # the background refresh reaches the (failing) server
+        if srv.fetches >= 2:
+            break
+        await asyncio.sleep(0.02)
+    assert srv.fetches >= 2
+    p = await v.verify(key.sign())  # the failed refresh did not drop the keys
+    assert p.user_id == "user-123"
 
 
-async def test_jwks_unreachable_from_the_start_is_401() -> None:
+async def test_jwks_unreachable_from_the_start_is_a_server_error() -> None:
+    """No usable key at all is the server's problem (500), not an invalid token (401)."""
     v = verifier(f"http://127.0.0.1:{free_port()}/certs")
-    assert (await refused(v, Key("k1").sign())).status == 401
+    err = await refused(v, Key("k1").sign())
+    assert err.status == 500 and err.code == "jwks_unavailable" and err.reason == "keys_unavailable"
+
+
+async def test_unreachable_jwks_is_fetched_once_per_backoff_not_per_request(jwks: Any) -> None:
+    """A stampede of requests while the JWKS does not answer: one fetch, shared; then the
+    back-off: later requests fail at once without fetching again."""
+    srv, url, key = jwks
+    srv.failing, srv.gate = True, asyncio.Event()
+    keys = JwksKeys(url, cache_s=300, min_refetch_s=60)
+    v = JwtVerifier(issuer=ISSUER, audience="conveyor", client_id="conveyor", jwks=keys)
+    pending = asyncio.gather(*(refused(v, key.sign()) for _ in range(20)))
+    await asyncio.sleep(0.2)  # all twenty are waiting for the JWKS now
+    srv.gate.set()
+    errors = await asyncio.wait_for(pending, 30)
+    assert {e.status for e in errors} == {500}
+    assert srv.fetches == 1 and keys.fetches == 1
+    again = await asyncio.gather(*(refused(v, key.sign()) for _ in range(20)))
+    assert {e.code for e in again} == {"jwks_unavailable"}
+    assert srv.fetches == 1  # backing off: no new fetch within min_refetch_s
+    assert not await keys.ready()
+
+
+async def test_backoff_ends_and_the_keys_come_back(jwks: Any) -> None:
+    srv, url, key = jwks
+    srv.failing = True
+    keys = JwksKeys(url, cache_s=300, min_refetch_s=1.0)
+    v = JwtVerifier(issuer=ISSUER, audience="conveyor", client_id="conveyor", jwks=keys)
+    assert (await refused(v, key.sign())).status == 500
+    srv.failing = False
+    assert (await refused(v, key.sign())).status == 500  # still backing off: not fetched
+    assert srv.fetches == 1
+    for _ in range(200):  # bounded wait for the back-off to pass
+        await asyncio.sleep(0.05)
+        try:
+            p = await v.verify(key.sign())
+            break
+        except AuthError:
+            continue
+    else:
+        raise AssertionError("the keys never came back")
+    assert p.user_id == "user-123" and srv.fetches == 2
+
+
+async def test_a_refresh_in_flight_is_shared_and_does_not_block_known_keys(jwks: Any) -> None:
+    srv, url, key = jwks
+    keys = JwksKeys(url, cache_s=0.1, min_refetch_s=0)
+    v = JwtVerifier(issuer=ISSUER, audience="conveyor", client_id="conveyor", jwks=keys)
+    await v.verify(key.sign())
+    await asyncio.sleep(0.15)  # the keys are now stale
+    srv.gate = asyncio.Event()  # and the JWKS does not answer until the test lets it
+    # Stale but usable keys: every request is answered while the refresh is still held
+    # (waiting for it would never end: the bound only keeps a failure from hanging), and
+    # all of them together start one refresh.
+    verified = await asyncio.wait_for(asyncio.gather(*(v.verify(key.sign()) for _ in range(10))), 20)
+    assert {p.user_id for p in verified} == {"user-123"}
+    for _ in range(200):  # the one background refresh reaches the server
+        if srv.fetches >= 2:
+            break
+        await asyncio.sleep(0.02)
+    assert srv.fetches == 2
+    assert keys._inflight is not None and not keys._inflight.done()  # still held
+    srv.gate.set()
+    for _ in range(200):
+        if keys._inflight is not None and keys._inflight.done():
+            break
+        await asyncio.sleep(0.02)
+    assert srv.fetches == 2 and (await v.verify(key.sign())).user_id == "user-123"
 
 
 async def test_missing_role_is_403(jwks: Any) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,17 @@ import asyncpg
 import pytest
 from openapi_spec_validator import validate
 
-from tests.integration.notify_helpers import build_api, client, token
+from adapters.auth import JwksKeys, JwtVerifier
+from adapters.notifications_store import NotificationsStore
+from tests.integration.notify_helpers import (
+    ISSUER,
+    Key,
+    build_api,
+    client,
+    free_port,
+    jwks_server,
+    token,
+)
 
 SEED_SINGLE = {"contacts": [{"type": "email", "value": "user@example.com"}], "message": "Привет!",
                "isImmediate": False, "strategy": "send_to_first_available"}
@@ -49,7 +60,7 @@ def post(c: Any, body: Any, tok: str | None, **headers: str) -> Any:
 
 
 def check_issue(issue: dict[str, Any]) -> None:
-    assert {"code", "message", "path"} <= set(issue)
+    assert set(issue) == {"code", "message", "path"}  # exactly the seed's shape
     assert issue["code"] in {"too_small", "too_big", "invalid_type", "invalid_enum_value",
                              "invalid_string", "unrecognized_keys"}
 
@@ -113,7 +124,7 @@ async def test_partial_success_is_207_in_the_seed_shape(api: Any, db_pool: async
     assert [d["status"] for d in body["details"]] == ["success", "success", "failure"]
     fail = body["details"][2]
     assert fail["notification"] == SEED_BAD
-    assert {k: fail["error"][0][k] for k in SEED_TOO_SMALL} == SEED_TOO_SMALL
+    assert fail["error"][0] == SEED_TOO_SMALL
     for issue in fail["error"]:
         check_issue(issue)
     assert await db_pool.fetchval("SELECT count(*) FROM notifications") == 2
@@ -129,7 +140,8 @@ async def test_no_valid_notification_is_400_in_the_seed_shape(api: Any, db_pool:
     assert body["message"] == "Ни одно уведомление не прошло валидацию"
     [d] = body["details"]
     assert d["item"] == SEED_BAD
-    assert {k: d["error"][0][k] for k in SEED_TOO_SMALL} == SEED_TOO_SMALL
+    assert d["error"] == [SEED_TOO_SMALL, {"code": "too_small", "path": ["message"],
+                                           "message": "String must contain at least 1 character(s)"}]
     assert await db_pool.fetchval("SELECT count(*) FROM notifications") == 0
 
 
@@ -157,7 +169,8 @@ async def test_client_cannot_send_id_or_subject(api: Any, extra: dict[str, Any])
         r = await post(c, {**SEED_SINGLE, **extra}, token(key))
     assert r.status_code == 400
     [issue] = r.json()["details"][0]["error"]
-    assert issue["code"] == "unrecognized_keys" and issue["keys"] == list(extra)
+    assert issue == {"code": "unrecognized_keys", "path": [],
+                     "message": f"Unrecognized key(s) in object: '{next(iter(extra))}'"}
 
 
 async def test_each_item_is_validated_independently(api: Any) -> None:
@@ -167,7 +180,8 @@ async def test_each_item_is_validated_independently(api: Any) -> None:
         r = await post(c, items, token(key))
     assert r.status_code == 207
     assert r.json()["acceptedCount"] == 9
-    assert r.json()["details"][9]["error"][0]["code"] == "invalid_string"
+    assert r.json()["details"][9]["error"] == [
+        {"code": "invalid_string", "message": "Invalid email", "path": ["contacts", 0, "value"]}]
 
 
 async def test_english_messages_on_request(api: Any) -> None:
@@ -340,3 +354,331 @@ async def test_swagger_ui_is_served_from_local_assets(api: Any) -> None:
     assert page.status_code == 200 and "swagger-ui" in page.text
     assert refs and all(ref.startswith("/api-docs/") for ref in refs)
     assert all(a.status_code == 200 and a.content for a in assets)
+
+
+# --- body limit: chunked bodies -------------------------------------------------------------
+async def chunks(data: bytes, size: int = 256) -> Any:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+async def test_chunked_body_over_the_limit_is_413_not_500(db_pool: asyncpg.Pool, tmp_path: Path) -> None:
+    app, _, _, key = await build_api(db_pool, tmp_path, max_request_bytes=1000)
+    big = json.dumps({**SEED_SINGLE, "message": "x" * 5000}).encode()
+    small = json.dumps(SEED_SINGLE).encode()
+    h = {"content-type": "application/json", "authorization": f"Bearer {token(key)}"}
+    async with client(app) as c:
+        r = await c.post("/v1/notifications", content=chunks(big), headers=h)
+        ok = await c.post("/v1/notifications", content=chunks(small, 16), headers=h)
+    assert r.request.headers.get("transfer-encoding") == "chunked"
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413
+    assert r.json() == {"error": "HTTP 413 Request Entity Too Large", "code": "too_large",
+                        "message": "Тело запроса слишком велико"}
+    assert ok.status_code == 202  # a chunked body within the limit reaches the API whole
+    assert await db_pool.fetchval("SELECT count(*) FROM notifications") == 1
+
+
+# --- idempotency: the key's response is stored with the notifications -----------------------
+class FinishFails(NotificationsStore):
+    """The database is unreachable for anything after the accept transaction."""
+
+    async def idempotency_finish(self, *a: Any, **kw: Any) -> bool:
+        raise ConnectionError("database is gone")
+
+    async def idempotency_release(self, *a: Any, **kw: Any) -> None:
+        raise ConnectionError("database is gone")
+
+
+class FailsAfterCommit(NotificationsStore):
+    """The accept commits, then the request fails (the connection dropped on the reply)."""
+
+    async def accept(self, drafts: Any, idempotency: Any = None) -> None:
+        await super().accept(drafts, idempotency)
+        raise ConnectionResetError("connection lost after commit")
+
+
+class SlowAfterCommit(NotificationsStore):
+    """The accept commits, then the request runs out of time (504: it is cancelled)."""
+
+    async def accept(self, drafts: Any, idempotency: Any = None) -> None:
+        await super().accept(drafts, idempotency)
+        await asyncio.sleep(30)
+
+
+async def stored_ids(db_pool: asyncpg.Pool) -> list[str]:
+    return [str(r["id"]) for r in await db_pool.fetch("SELECT id FROM notifications ORDER BY id")]
+
+
+async def test_a_replay_after_a_failed_finish_does_not_send_again(db_pool: asyncpg.Pool,
+                                                                  tmp_path: Path) -> None:
+    app, _, handle, key = await build_api(db_pool, tmp_path, store=FinishFails(db_pool))
+    async with client(app) as c:
+        first = await post(c, SEED_FULL, token(key), **{"idempotency-key": "k-finish"})
+        again = await post(c, SEED_FULL, token(key), **{"idempotency-key": "k-finish"})
+    assert first.status_code == 202
+    assert again.status_code == 202 and again.headers["idempotency-replayed"] == "true"
+    assert again.json() == first.json()
+    assert await stored_ids(db_pool) == [first.json()["details"][0]["notification"]["id"]]
+    await asyncio.sleep(0)
+    assert len(handle.kicked) == 1
+
+
+async def test_a_failure_after_the_commit_replays_the_stored_response(db_pool: asyncpg.Pool,
+                                                                       tmp_path: Path) -> None:
+    app, _, _, key = await build_api(db_pool, tmp_path, store=FailsAfterCommit(db_pool))
+    async with client(app) as c:
+        first = await post(c, SEED_FULL, token(key), **{"idempotency-key": "k-crash"})
+        again = await post(c, SEED_FULL, token(key), **{"idempotency-key": "k-crash"})
+    assert first.status_code == 500  # the client never saw the 202...
+    assert again.status_code == 202 and again.headers["idempotency-replayed"] == "true"
+    # ...and its retry gets the response of what was stored, not a second notification
+    [nid] = await stored_ids(db_pool)
+    assert again.json()["details"][0]["notification"]["id"] == nid
+    assert await db_pool.fetchval("SELECT count(*) FROM notification_outbox") == 1
+
+
+async def test_a_timeout_after_the_commit_replays_the_stored_response(db_pool: asyncpg.Pool,
+                                                                      tmp_path: Path) -> None:
+    app, _, handle, key = await build_api(db_pool, tmp_path, store=SlowAfterCommit(db_pool),
+                                          request_timeout_s=3.0)
+    async with client(app) as c:
+        first = await post(c, SEED_ARRAY, token(key), **{"idempotency-key": "k-504"})
+        again = await post(c, SEED_ARRAY, token(key), **{"idempotency-key": "k-504"})
+    assert first.status_code == 504
+    assert again.status_code == 202 and again.headers["idempotency-replayed"] == "true"
+    ids = await stored_ids(db_pool)
+    assert len(ids) == 2
+    assert sorted(d["notification"]["id"] for d in again.json()["details"]) == ids
+    assert handle.kicked == []  # the replay hands nothing to the dispatcher
+
+
+async def test_a_request_whose_key_was_taken_over_stores_nothing(db_pool: asyncpg.Pool) -> None:
+    from stages.notifications import IdempotencyLost, IdempotencyRecord, NotificationDraft
+
+    store = NotificationsStore(db_pool)
+    old = await store.idempotency_begin("u", "k", "h", 3600, lease_s=-1)  # then it hung
+    new = await store.idempotency_begin("u", "k", "h", 3600, lease_s=60)  # taken over
+    assert old.outcome == new.outcome == "new" and old.claim != new.claim
+    draft = NotificationDraft(str(uuid.uuid4()), "u", None, [{"type": "bitrix", "value": 1}], "m",
+                              True, "send_to_first_available", 0.0)
+    assert old.claim is not None and new.claim is not None
+    with pytest.raises(IdempotencyLost):
+        await store.accept([draft], IdempotencyRecord("u", "k", old.claim, 202, b"{}"))
+    assert await db_pool.fetchval("SELECT count(*) FROM notifications") == 0
+    await store.accept([draft], IdempotencyRecord("u", "k", new.claim, 202, b'{"n":1}'))
+    replay = await store.idempotency_begin("u", "k", "h", 3600, 60)
+    assert (replay.outcome, replay.status, replay.body) == ("replay", 202, b'{"n":1}')
+    # a late release by the request that lost the key frees nothing
+    await store.idempotency_release("u", "k", old.claim)
+    assert (await store.idempotency_begin("u", "k", "h", 3600, 60)).outcome == "replay"
+
+
+async def test_an_all_invalid_request_with_a_key_is_replayed(api: Any, db_pool: asyncpg.Pool) -> None:
+    app, _, _, key = api
+    async with client(app) as c:
+        first = await post(c, SEED_BAD, token(key), **{"idempotency-key": "k-400"})
+        again = await post(c, SEED_BAD, token(key), **{"idempotency-key": "k-400"})
+    assert first.status_code == again.status_code == 400
+    assert again.headers["idempotency-replayed"] == "true" and again.json() == first.json()
+
+
+# --- readiness ------------------------------------------------------------------------------
+async def test_ready_when_every_dependency_answers(api: Any) -> None:
+    app, _, _, _ = api
+    async with client(app) as c:
+        r = await c.get("/health/ready")
+    assert r.status_code == 200, r.text
+    checks = r.json()["checks"]
+    assert {"database", "mail_dir", "notification_dispatcher"} <= set(checks)
+    assert "jwks" not in checks and "smtp" not in checks  # dev key, .eml files
+    assert all(c["status"] == "up" for c in checks.values())
+
+
+async def test_not_ready_with_detail_when_smtp_is_down(db_pool: asyncpg.Pool, tmp_path: Path) -> None:
+    app, _, _, _ = await build_api(db_pool, tmp_path, smtp_host="127.0.0.1", smtp_port=free_port(),
+                                   smtp_timeout_s=2)
+    async with client(app) as c:
+        r = await c.get("/health/ready")
+    assert r.status_code == 503
+    body = r.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["smtp"]["status"] == "down" and body["checks"]["smtp"]["error"]
+    assert body["checks"]["database"]["status"] == "up"
+    assert body["checks"]["notification_dispatcher"]["status"] == "up"
+
+
+async def test_not_ready_when_the_mail_folder_cannot_be_written(db_pool: asyncpg.Pool,
+                                                                 tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the mail folder should be")
+    app, _, _, _ = await build_api(db_pool, tmp_path, mail_dir=blocker / "mail")
+    async with client(app) as c:
+        r = await c.get("/health/ready")
+    assert r.status_code == 503
+    assert r.json()["checks"]["mail_dir"]["status"] == "down"
+    assert r.json()["checks"]["database"]["status"] == "up"
+
+
+async def test_not_ready_when_the_jwks_is_unreachable(db_pool: asyncpg.Pool, tmp_path: Path) -> None:
+    keys = JwksKeys(f"http://127.0.0.1:{free_port()}/certs", min_refetch_s=0)
+    verifier = JwtVerifier(issuer=ISSUER, audience="conveyor", client_id="conveyor", jwks=keys)
+    app, _, _, _ = await build_api(db_pool, tmp_path, verifier=verifier)
+    async with client(app) as c:
+        r = await c.get("/health/ready")
+    assert r.status_code == 503
+    assert r.json()["checks"]["jwks"]["status"] == "down"
+    assert "signing keys are unavailable" in r.json()["checks"]["jwks"]["error"]
+
+
+# --- authentication over HTTP: a JWKS server, messages in the client's language ----------------
+@pytest.fixture
+async def keycloak(db_pool: asyncpg.Pool, tmp_path: Path) -> Any:
+    async with jwks_server() as (srv, url, key):
+        verifier = JwtVerifier(issuer=ISSUER, audience="conveyor", client_id="conveyor",
+                               jwks=JwksKeys(url, min_refetch_s=0))
+        app, _, _, _ = await build_api(db_pool, tmp_path, verifier=verifier)
+        yield app, srv, key
+
+
+async def test_keycloak_token_via_jwks_is_accepted_with_its_subject(keycloak: Any) -> None:
+    app, srv, key = keycloak
+    async with client(app) as c:
+        r = await post(c, SEED_SINGLE, key.sign())
+        nid = r.json()["details"][0]["notification"]["id"]
+        got = await c.get(f"/v1/notifications/{nid}", headers={"authorization": f"Bearer {key.sign()}"})
+        ready = await c.get("/health/ready")
+    assert r.status_code == 202
+    assert r.json()["details"][0]["notification"]["subject"] == {"id": "user-123", "name": "John Doe"}
+    assert got.status_code == 200 and got.json()["subject"]["id"] == "user-123"
+    assert ready.json()["checks"]["jwks"]["status"] == "up"
+    assert srv.fetches == 1  # cached
+
+
+async def test_auth_errors_speak_russian_by_default_and_english_on_request(keycloak: Any) -> None:
+    app, _, key = keycloak
+    stranger = Key("k9")
+    async with client(app) as c:
+        missing = await post(c, SEED_SINGLE, None)
+        unknown = await post(c, SEED_SINGLE, stranger.sign())
+        expired = await post(c, SEED_SINGLE, key.sign(exp=int(time.time()) - 3600))
+        expired_en = await post(c, SEED_SINGLE, key.sign(exp=int(time.time()) - 3600),
+                                **{"accept-language": "en"})
+        norole = await post(c, SEED_SINGLE, key.sign(resource_access=None))
+        norole_en = await post(c, SEED_SINGLE, key.sign(resource_access=None),
+                               **{"accept-language": "en-GB,en;q=0.9"})
+    assert missing.status_code == 401 and missing.json()["code"] == "missing_token"
+    assert missing.json()["message"] == "Требуется JWT-токен в заголовке Authorization: Bearer <JWT>"
+    assert unknown.status_code == 401 and unknown.json()["message"] == "Токен подписан неизвестным ключом"
+    assert expired.json() == {"error": "HTTP 401 Unauthorized", "code": "token_expired",
+                              "message": "Срок действия токена истёк"}
+    assert expired_en.json()["message"] == "The token has expired"
+    assert norole.status_code == 403 and norole.json() == {
+        "error": "HTTP 403 Forbidden", "code": "forbidden",
+        "message": "Требуется роль 'notifications:send'"}
+    assert norole_en.json()["message"] == "Role 'notifications:send' is required"
+
+
+async def test_jwks_unavailable_is_a_server_error_in_the_seed_shape(db_pool: asyncpg.Pool,
+                                                                      tmp_path: Path) -> None:
+    keys = JwksKeys(f"http://127.0.0.1:{free_port()}/certs", min_refetch_s=30)
+    verifier = JwtVerifier(issuer=ISSUER, audience="conveyor", client_id="conveyor", jwks=keys)
+    app, _, _, _ = await build_api(db_pool, tmp_path, verifier=verifier)
+    async with client(app) as c:
+        first = await post(c, SEED_SINGLE, Key("k1").sign())
+        second = await post(c, SEED_SINGLE, Key("k1").sign())
+    for r in (first, second):
+        assert r.status_code == 500
+        assert r.json() == {"error": "HTTP 500 Internal Server Error", "code": "jwks_unavailable",
+                            "message": "Ключи проверки подписи токенов недоступны, повторите запрос позже"}
+        assert "www-authenticate" not in r.headers
+    assert keys.fetches == 1  # the second request did not wait for a fetch of its own
+
+
+# --- limits are settings ----------------------------------------------------------------------
+async def test_limits_come_from_settings_and_the_document_says_so(db_pool: asyncpg.Pool,
+                                                                   tmp_path: Path) -> None:
+    app, _, _, key = await build_api(db_pool, tmp_path, notification_max_contacts=2,
+                                     notification_max_message_chars=10)
+    item = {"contacts": [{"type": "bitrix", "value": 1}] * 3, "message": "x" * 11}
+    async with client(app) as c:
+        r = await post(c, item, token(key))
+        doc = (await c.get("/openapi.json")).json()
+    assert r.status_code == 400
+    assert r.json()["details"][0]["error"] == [
+        {"code": "too_big", "message": "List must contain at most 2 element(s)", "path": ["contacts"]},
+        {"code": "too_big", "message": "String must contain at most 10 character(s)", "path": ["message"]}]
+    props = doc["components"]["schemas"]["IncomingNotification"]["properties"]
+    assert props["contacts"]["maxItems"] == 2 and props["message"]["maxLength"] == 10
+
+
+# --- the documented examples are what the server answers ------------------------------------
+def schema_validator(doc: dict[str, Any], ref: str) -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator({"$ref": ref, "components": doc["components"]})
+
+
+def placeholders(value: Any) -> Any:
+    """Server-made values (notification ids, createdAt) → placeholders, after checking
+    their form; everything else is compared as is."""
+    if isinstance(value, list):
+        return [placeholders(v) for v in value]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if k == "id" and isinstance(v, str) and "createdAt" in value:
+                assert UUID4.match(v), v
+                out[k] = "<uuid4>"
+            elif k == "createdAt":
+                assert CREATED.match(v), v
+                out[k] = "<createdAt>"
+            else:
+                out[k] = placeholders(v)
+        return out
+    return value
+
+
+async def test_every_documented_example_is_what_the_server_answers(api: Any) -> None:
+    app, _, _, key = api
+    async with client(app) as c:
+        doc = (await c.get("/openapi.json")).json()
+        op = doc["paths"]["/v1/notifications"]["post"]
+        requests = op["requestBody"]["content"]["application/json"]["examples"]
+        documented = {name: (status, ex["value"], content["schema"]["$ref"])
+                      for status, resp in op["responses"].items()
+                      for content in [resp["content"]["application/json"]]
+                      for name, ex in content.get("examples", {}).items()}
+        assert set(requests) == set(documented) >= {"single", "full", "array", "partial", "invalid"}
+        request_schema = schema_validator(doc, "#/components/schemas/IncomingNotification")
+        for name, example in requests.items():
+            status, expected, ref = documented[name]
+            r = await post(c, example["value"], token(key))  # subject {"id": "user-123"}
+            assert r.status_code == int(status), (name, r.text)
+            assert placeholders(r.json()) == placeholders(expected), name
+            # both the real answer and the documented one fit the documented schema
+            schema_validator(doc, ref).validate(r.json())
+            schema_validator(doc, ref).validate(expected)
+            items = example["value"] if isinstance(example["value"], list) else [example["value"]]
+            valid = [request_schema.is_valid(i) for i in items]
+            if status == "202":
+                assert all(valid), name  # accepted examples fit the request schema
+            else:
+                assert not all(valid), name  # the rejected ones show what the schema refuses
+    # the seed's own examples are among them, to the letter
+    assert requests["single"]["value"] == SEED_SINGLE and requests["array"]["value"] == SEED_ARRAY
+    assert requests["full"]["value"] == SEED_FULL
+    seed_207 = documented["partial"][1]
+    assert seed_207["message"] == "Уведомления приняты частично: 2 принято, 1 отклонено"
+    assert seed_207["details"][-1]["notification"] == SEED_BAD
+    assert seed_207["details"][-1]["error"][0] == SEED_TOO_SMALL
+    assert documented["invalid"][1]["details"][0]["error"][0] == SEED_TOO_SMALL
+
+
+async def test_the_issue_schema_refuses_extra_keys(api: Any) -> None:
+    app, _, _, _ = api
+    async with client(app) as c:
+        doc = (await c.get("/openapi.json")).json()
+    v = schema_validator(doc, "#/components/schemas/ValidationIssue")
+    assert v.is_valid(SEED_TOO_SMALL)
+    assert not v.is_valid({**SEED_TOO_SMALL, "minimum": 1})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 import uuid
@@ -85,6 +86,8 @@ class FakePortal:
         self.calls: list[dict[str, Any]] = []
         self.stamps: list[float] = []
         self.overloaded = 0  # next N calls answer 503 QUERY_LIMIT_EXCEEDED
+        self.script: list[tuple[int, dict[str, Any]]] = []  # next answers, in order
+        self.pings = 0
         self.next_id = 100
 
     async def method(self, request: Request) -> JSONResponse:
@@ -94,12 +97,17 @@ class FakePortal:
         name = request.path_params["method"]
         payload = await request.json() if await request.body() else {}
         if name == "server.time":
+            self.pings += 1
+            self.stamps.append(time.monotonic())
             return JSONResponse({"result": "2025-12-14T12:00:00+03:00", "time": {}})
         if name != "im.notify.personal.add":
             return JSONResponse({"error": "ERROR_METHOD_NOT_FOUND", "error_description": "Method not found!"},
                                 404)
         self.calls.append(payload)
         self.stamps.append(time.monotonic())
+        if self.script:
+            status, body = self.script.pop(0)
+            return JSONResponse(body, status)
         if self.overloaded > 0:
             self.overloaded -= 1
             return JSONResponse({"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many requests"},
@@ -186,7 +194,24 @@ async def test_idempotency_keys(db_pool: asyncpg.Pool) -> None:
     # a key abandoned in flight (its process died) is taken over by the same request
     assert (await store.idempotency_begin("u", "dead", "h", 3600, -1)).outcome == "new"
     assert (await store.idempotency_begin("u", "dead", "h", 3600, 60)).outcome == "new"
-    assert await store.purge_expired() == 0
+
+
+async def test_the_dispatcher_purges_expired_idempotency_keys(db_pool: asyncpg.Pool) -> None:
+    store = NotificationsStore(db_pool)
+    await store.idempotency_begin("u", "expired", "h", -1, 60)  # already past its TTL
+    await store.idempotency_begin("u", "live", "h", 3600, 60)
+    eng = engine(store, {}, purge_interval_s=3600)
+    eng.start()  # the flush loop purges on its first pass, then every purge_interval_s
+    try:
+        for _ in range(200):
+            if eng.purged:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await eng.stop()
+    assert eng.purged == 1
+    keys = [r["key"] for r in await db_pool.fetch("SELECT key FROM notification_idempotency")]
+    assert keys == ["live"]
 
 
 # --- SMTP ---------------------------------------------------------------------------------
@@ -202,7 +227,8 @@ async def test_smtp_channel_delivers_over_a_reused_pool(smtp_server: tuple[Sink,
     assert ch.connects == 2
     await ch.close()
     assert len(sink.messages) == 12
-    mail_from, rcpts, content = sink.messages[0]
+    # two connections send at once: find user0's mail whatever the arrival order
+    [(mail_from, rcpts, content)] = [m for m in sink.messages[:10] if m[1] == ["user0@example.com"]]
     msg = message_from_bytes(content)
     assert mail_from == "noreply@conveyor.test" and rcpts == ["user0@example.com"]
     assert msg["X-Notification-Id"] == "n0"
@@ -228,6 +254,15 @@ async def test_smtp_down_is_transient_and_ping_fails() -> None:
     assert r.status is SendStatus.TRANSIENT
     with pytest.raises(OSError):
         await ch.ping()
+
+
+async def test_smtp_down_costs_one_connect_per_share_not_per_message() -> None:
+    ch = SmtpChannel("127.0.0.1", free_port(), mail_from="a@b.co", subject="s", timeout_s=2,
+                     pool_size=2)
+    results = await ch.send([Delivery(f"n{i}", 0, f"u{i}@example.com", "x") for i in range(10)])
+    assert [r.status for r in results] == [SendStatus.TRANSIENT] * 10
+    assert all((r.detail or "").startswith("connect:") for r in results)
+    assert ch.connect_attempts == 2 and ch.connects == 0
 
 
 async def test_eml_files_are_written_once_per_contact(tmp_path: Path) -> None:
@@ -272,6 +307,44 @@ async def test_bitrix_requests_are_paced_to_the_portal_limit(portal: tuple[FakeP
     await ch.close()
 
 
+async def test_bitrix_channels_on_one_portal_share_its_rate(portal: tuple[FakePortal, str]) -> None:
+    """Two channels built on the same webhook (no bucket injected) pace together: the
+    portal sees its limit, not twice it."""
+    fake, url = portal
+    one = BitrixChannel(url, rate_per_s=2.0, burst=1)
+    two = BitrixChannel(url.replace("/rest/1/", "/rest/2/"), rate_per_s=2.0, burst=1)
+    assert one.bucket is two.bucket
+    await asyncio.gather(one.send([Delivery(f"a{i}", 0, i + 1, "x") for i in range(3)]),
+                         two.send([Delivery(f"b{i}", 0, i + 10, "x") for i in range(3)]))
+    assert len(fake.calls) == 6
+    gaps = [b - a for a, b in zip(fake.stamps, fake.stamps[1:], strict=False)]
+    # one request per half second for both together (separate buckets would send two at
+    # once: gaps near 0); the margin absorbs scheduling jitter on a busy machine
+    assert all(g >= 0.25 for g in gaps), gaps
+    await one.close()
+    await two.close()
+
+
+async def test_bitrix_readiness_ping_is_paced_and_cached(portal: tuple[FakePortal, str]) -> None:
+    fake, url = portal
+    bucket = TokenBucket(rate=2.0, burst=1)
+    ch = BitrixChannel(url, bucket=bucket, ping_cache_s=60)
+    await asyncio.gather(*(ch.ping() for _ in range(10)))
+    for _ in range(10):
+        await ch.ping()
+    assert fake.pings == 1  # one request, however often readiness is probed
+    assert bucket.tokens < 1.0  # and it took its token like any other request
+    await ch.send([Delivery("n1", 0, 5, "x")])
+    assert fake.stamps[1] - fake.stamps[0] >= 0.25  # the send waited for the ping's token (0.5 s)
+    bad = BitrixChannel(url.replace("s3cr3t", "wrong"), bucket=TokenBucket(100.0, 10), ping_cache_s=60)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="NO_AUTH_FOUND"):
+            await bad.ping()
+    assert fake.pings == 1  # the failure is cached too (the wrong secret never reaches server.time)
+    await ch.close()
+    await bad.close()
+
+
 async def test_bitrix_unreachable_is_transient() -> None:
     ch = BitrixChannel(f"http://127.0.0.1:{free_port()}/rest/1/x/", bucket=TokenBucket(100.0, 10))
     [r] = await ch.send([Delivery("n", 0, 1, "x")])
@@ -284,7 +357,7 @@ def engine(store: NotificationsStore, channels: dict[str, Any], **kw: Any) -> Di
     guarded = {k: GuardedChannel(c, CircuitBreaker(5, 30)) for k, c in channels.items()}
     policy = kw.pop("policy", RetryPolicy(3, 0.0, 0.0))
     return DispatchEngine(store, guarded, policy, batch_size=kw.pop("batch_size", 100),
-                          flush_interval_s=60, **kw)
+                          flush_interval_s=kw.pop("flush_interval_s", 60), **kw)
 
 
 async def test_queued_notifications_are_flushed_in_batches_and_recorded(
@@ -351,11 +424,15 @@ async def test_a_round_lost_with_its_process_is_resumed(db_pool: asyncpg.Pool, t
 
 
 async def test_background_loops_deliver_kicked_notifications(db_pool: asyncpg.Pool, tmp_path: Path) -> None:
+    """Polling is off (ticks of an hour): only the kick can get the notification sent."""
     store = NotificationsStore(db_pool)
     d = draft([{"type": "email", "value": "a@example.com"}], immediate=True)
     await store.accept([d])
-    eng = engine(store, {"email": MailDirChannel(tmp_path / "mail", "noreply@conveyor.test", "s")})
+    eng = engine(store, {"email": MailDirChannel(tmp_path / "mail", "noreply@conveyor.test", "s")},
+                 tick_s=3600, flush_interval_s=3600)
     eng.start()
+    await asyncio.sleep(0.3)  # the loops are waiting: nothing is sent without the kick
+    assert (await store.get(d.id) or {})["state"] == "accepted"
     eng.kick([d.id])
     try:
         for _ in range(200):
@@ -365,7 +442,73 @@ async def test_background_loops_deliver_kicked_notifications(db_pool: asyncpg.Po
     finally:
         await eng.stop()
     assert (await store.get(d.id) or {})["state"] == "delivered"
-    attempts = await db_pool.fetch("SELECT status FROM notification_attempts")
-    assert [a["status"] for a in attempts] == ["delivered"]
-    progress = json.loads(await db_pool.fetchval("SELECT progress FROM notifications"))
+    attempts = await db_pool.fetch("SELECT notification_id, status FROM notification_attempts")
+    assert [(str(a["notification_id"]), a["status"]) for a in attempts] == [(d.id, "delivered")]
+    progress = json.loads(await db_pool.fetchval("SELECT progress FROM notifications WHERE id = $1",
+                                                 uuid.UUID(d.id)))
     assert progress[0]["status"] == "delivered"
+
+
+@pytest.mark.parametrize("answer, final, attempts", [
+    ((429, {"error": "TOO_MANY_REQUESTS", "error_description": "Too many requests"}),
+     "delivered", ["transient", "delivered"]),
+    ((503, {"error": "QUERY_LIMIT_EXCEEDED", "error_description": "Too many requests"}),
+     "delivered", ["transient", "delivered"]),
+    ((400, {"error": "USER_ID_EMPTY", "error_description": "User ID can't be empty"}),
+     "failed", ["permanent"]),
+])
+async def test_bitrix_answers_are_retried_or_fail_the_channel(
+        db_pool: asyncpg.Pool, portal: tuple[FakePortal, str], answer: tuple[int, dict[str, Any]],
+        final: str, attempts: list[str]) -> None:
+    fake, url = portal
+    store = NotificationsStore(db_pool)
+    bitrix = BitrixChannel(url, bucket=TokenBucket(100.0, 10))
+    d = draft([{"type": "bitrix", "value": 77}], immediate=True)
+    await store.accept([d])
+    fake.script = [answer]
+    eng = engine(store, {"bitrix": bitrix})
+    assert await eng.urgent_once() == 1
+    got = await store.get(d.id)
+    assert got is not None
+    if final == "delivered":  # transient: still pending, retried when due
+        assert got["state"] == "processing" and got["channels"][0]["status"] == "pending"
+        await db_pool.execute("UPDATE notification_outbox SET due_at = now()")
+        assert await eng.urgent_once() == 1
+        got = await store.get(d.id)
+        assert got is not None
+    assert got["state"] == final
+    assert [a["status"] for a in got["channels"][0]["attempts"]] == attempts
+    assert got["channels"][0]["status"] == ("delivered" if final == "delivered" else "failed")
+    assert len(fake.calls) == len(attempts)
+    await bitrix.close()
+
+
+async def test_failing_rounds_slow_the_flush_down(db_pool: asyncpg.Pool) -> None:
+    """The feedback loop: a round whose sends fail halves the batch and doubles the
+    interval, so the rest of the backlog waits for a later, smaller round."""
+    store = NotificationsStore(db_pool)
+    await store.accept([draft([{"type": "email", "value": f"u{i}@example.com"}]) for i in range(30)])
+    down = SmtpChannel("127.0.0.1", free_port(), mail_from="a@b.co", subject="s", timeout_s=2)
+    eng = engine(store, {"email": down}, batch_size=10)
+    assert (eng.flush_pace.batch, eng.flush_pace.state) == (10, "normal")
+    assert await eng.flush_once() == 10  # one round, then it stops
+    assert (eng.flush_pace.batch, eng.flush_pace.interval_s) == (5, 120.0)
+    assert eng.flush_pace.state == "throttled"
+    assert await db_pool.fetchval("SELECT count(*) FROM notification_outbox WHERE round = 0") == 20
+
+
+async def test_every_attempt_is_logged_with_the_notification_id_as_trace_id(
+        db_pool: asyncpg.Pool, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = NotificationsStore(db_pool)
+    d = draft([{"type": "email", "value": "a@example.com"}], immediate=True)
+    await store.accept([d])
+    eng = engine(store, {"email": MailDirChannel(tmp_path / "mail", "noreply@conveyor.test", "s")})
+    with caplog.at_level(logging.INFO, logger="conveyor.notifications"):
+        eng.kick([d.id])
+        assert await eng.urgent_once() == 1
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "conveyor.notifications" and r.getMessage().startswith("{")]
+    [attempt] = [x for x in lines if x["event"] == "notification_attempt"]
+    assert attempt["traceId"] == d.id and attempt["channel"] == "email"
+    assert attempt["status"] == "delivered" and attempt["attempt"] == 1
+    assert [x["state"] for x in lines if x["event"] == "notification_round"] == ["delivered"]

@@ -212,3 +212,71 @@ async def test_token_bucket_paces_after_the_burst() -> None:
     for _ in range(5):
         await bucket.acquire()
     assert slept == [pytest.approx(0.5), pytest.approx(0.5)]  # 3 free, then 2 per second
+
+
+# --- a channel passed over because its breaker is open uses no attempt -----------------------
+async def test_breaker_open_pass_over_uses_no_attempt_and_waits_for_the_reset() -> None:
+    """With one contact, a short outage (breaker open) must not fail the notification:
+    the pass-overs use none of its attempts, and the job comes back when the breaker may
+    let a trial through, not after the retry backoff."""
+    now = [0.0]
+    breaker = CircuitBreaker(failures=1, reset_s=30.0, clock=lambda: now[0])
+    breaker.record(SendStatus.TRANSIENT)  # the channel just failed elsewhere: open
+    inner = ScriptedChannel("email", {})
+    email = GuardedChannel(inner, breaker)
+    j = job("send_to_first_available", CONTACTS[:1])
+    for n in range(POLICY.max_attempts + 2):
+        now[0] = 4.0 * n  # still within the reset time
+        [r] = await dispatch_round([j], {"email": email}, POLICY, rng=lambda: 0.0)
+        assert r.final is None, f"failed after {n + 1} pass-overs"
+        assert r.retry_in_s == pytest.approx(30.0 - now[0])  # the breaker's remaining time
+        assert [(a.status, a.attempt) for a in r.attempts] == [(SendStatus.UNAVAILABLE, 0)]
+        j = r.job
+    assert inner.sent == [] and j.progress[0].attempts == 0 and j.round == 0
+    now[0] = 30.0  # half-open: one trial goes through and succeeds
+    [r] = await dispatch_round([j], {"email": email}, POLICY)
+    assert r.final is FinalState.DELIVERED
+    assert [(a.status, a.attempt) for a in r.attempts] == [(SendStatus.DELIVERED, 1)]
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_pass_over_and_real_failure_in_one_round_back_off_normally() -> None:
+    down = ScriptedChannel("email", {}, up=False)
+    bitrix = ScriptedChannel("bitrix", {7: [TRANSIENT]})
+    [r] = await dispatch_round([job("send_to_all_available")], {"email": down, "bitrix": bitrix},
+                               POLICY, rng=lambda: 0.0)
+    assert r.final is None and r.retry_in_s == pytest.approx(POLICY.delay(1, lambda: 0.0))
+    assert [p.attempts for p in r.job.progress] == [0, 1] and r.job.round == 1
+
+
+# --- pacing of the dispatcher's loops ------------------------------------------------------------
+def test_dispatch_pacing_slows_down_under_pressure_pauses_and_recovers() -> None:
+    from stages.notifications import DispatchPacer, RoundReport
+
+    p = DispatchPacer(batch_size=100, interval_s=1.0, target_latency_s=2.0, max_interval_s=16.0)
+    assert (p.batch, p.interval_s, p.state) == (100, 1.0, "normal")
+    p.observe(RoundReport(latency_s=0.5, attempts=100, failures=10))  # healthy
+    assert (p.batch, p.interval_s, p.state) == (100, 1.0, "normal")
+    p.observe(RoundReport(latency_s=5.0, attempts=100, failures=0))  # slow round
+    assert (p.batch, p.interval_s, p.state) == (50, 2.0, "throttled")
+    p.observe(RoundReport(latency_s=0.1, attempts=50, failures=30))  # channels failing
+    assert (p.batch, p.interval_s) == (25, 4.0)
+    p.observe(RoundReport(latency_s=0.1, error=True))  # the round could not run
+    assert (p.batch, p.interval_s) == (12, 8.0)
+    for _ in range(3):
+        p.observe(RoundReport(latency_s=0.0, attempts=10, failures=10, channels_down=True))
+    assert p.paused and p.state == "paused" and p.batch == 10 and p.interval_s == 16.0
+    for _ in range(12):  # channels work again: back to full pace by itself
+        p.observe(RoundReport(latency_s=0.1, attempts=10, failures=0))
+    assert (p.batch, p.interval_s, p.state, p.paused) == (100, 1.0, "normal", False)
+
+
+def test_dispatch_pacing_ignores_a_few_failures_and_idle_rounds() -> None:
+    from stages.notifications import DispatchPacer, RoundReport
+
+    p = DispatchPacer(batch_size=10, interval_s=5.0)
+    p.observe(RoundReport(latency_s=0.0))  # idle tick
+    p.observe(RoundReport(latency_s=1.0, attempts=10, failures=4))  # below half failing
+    assert (p.batch, p.interval_s, p.state) == (10, 5.0, "normal")
+    p.observe(RoundReport(latency_s=1.0, attempts=10, failures=5))
+    assert (p.batch, p.interval_s, p.state) == (5, 10.0, "throttled")
