@@ -149,7 +149,8 @@ class PostgresStore:
                    (SELECT array_agg(user_id ORDER BY user_id) FROM chat_members
                      WHERE chat_id = c.id) AS members,
                    (SELECT count(*) FROM messages m WHERE m.chat_id = c.id
-                     AND m.seq > cm.read_seq AND m.sender_id <> $1) AS unread
+                     AND m.seq > cm.read_seq AND m.sender_id <> $1
+                     AND m.kind IN ('text', 'attachment')) AS unread
               FROM chat_members cm JOIN chats c ON c.id = cm.chat_id
              WHERE cm.user_id = $1
              ORDER BY c.created_at, c.id
@@ -356,9 +357,18 @@ class PostgresStore:
                                d.target, d.body, now)
             return None
         if d.kind == "delete":
+            # Nothing of the message survives: not its file (the relay removes the bytes),
+            # not the bodies its edit events carried, not its reactions.
+            await conn.execute(
+                "UPDATE attachments SET state = 'deleted', reason = 'message deleted'"
+                " WHERE id = (SELECT attachment->>'attachmentId' FROM messages"
+                " WHERE id = $1 AND kind = 'attachment') AND state <> 'deleted'", d.target)
             await conn.execute(
                 "UPDATE messages SET body = NULL, attachment = NULL, deleted_at = coalesce("
                 "deleted_at, $2) WHERE id = $1", d.target, now)
+            await conn.execute(
+                "UPDATE messages SET body = NULL WHERE target_id = $1 AND kind = 'edit'"
+                " AND body IS NOT NULL", d.target)
             await conn.execute("DELETE FROM reactions WHERE message_id = $1", d.target)
             return None
         removed = await conn.fetchval(
@@ -500,11 +510,13 @@ def _attachment(r: asyncpg.Record) -> AttachmentRecord:
         id=r["id"], chat_id=r["chat_id"], uploader=r["uploader"], client_id=r["client_id"],
         object_key=r["object_key"], file_name=r["file_name"], content_type=r["content_type"],
         size=r["size"], state=r["state"], upload_token=r["upload_token"],
-        expires_at=rfc3339(r["expires_at"]), message_id=r["message_id"])
+        expires_at=rfc3339(r["expires_at"]), message_id=r["message_id"], claim=r["claim"])
 
 
 class PostgresAttachments:
-    """``AttachmentStore`` on PostgreSQL (see the port for its guarantees)."""
+    """``AttachmentStore`` on PostgreSQL (see the port for its guarantees): every state
+    change is one conditional UPDATE, so concurrent callers are serialised by the row lock
+    and the loser's condition no longer holds."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -540,19 +552,58 @@ class PostgresAttachments:
         row = await self.pool.fetchrow("SELECT * FROM attachments WHERE object_key = $1", key)
         return _attachment(row) if row else None
 
-    async def finish(self, attachment_id: str, state: str, reason: str | None = None,
-                     message_id: str | None = None) -> bool:
+    async def claim(self, attachment_id: str, lease_s: float) -> AttachmentRecord | None:
+        row = await self.pool.fetchrow(
+            "UPDATE attachments SET state = 'verifying', claim = $2, claimed_at = now()"
+            " WHERE id = $1 AND (state = 'pending' OR (state = 'verifying'"
+            " AND claimed_at < now() - make_interval(secs => $3))) RETURNING *",
+            attachment_id, uuid.uuid4().hex, float(lease_s))
+        return _attachment(row) if row else None
+
+    async def release(self, attachment_id: str, claim: str) -> bool:
         done = await self.pool.fetchval(
-            "UPDATE attachments SET state = $2, reason = $3, message_id = $4"
-            " WHERE id = $1 AND state = 'pending' RETURNING 1",
-            attachment_id, state, reason, message_id)
+            "UPDATE attachments SET state = 'pending', claim = NULL, claimed_at = NULL"
+            " WHERE id = $1 AND state = 'verifying' AND claim = $2 RETURNING 1",
+            attachment_id, claim)
         return done is not None
 
-    async def expire(self, limit: int = 100) -> list[str]:
-        """Mark never-uploaded attachments past their expiry; returns their object keys."""
+    async def finish(self, attachment_id: str, claim: str, state: str,
+                     reason: str | None = None) -> bool:
+        if state not in ("ready", "rejected"):
+            raise ValueError(f"a checked attachment ends ready or rejected, not {state!r}")
+        done = await self.pool.fetchval(
+            "UPDATE attachments SET state = $3, reason = $4, claim = NULL"
+            " WHERE id = $1 AND state = 'verifying' AND claim = $2 RETURNING 1",
+            attachment_id, claim, state, reason)
+        return done is not None
+
+    async def link(self, attachment_id: str, message_id: str) -> None:
+        await self.pool.execute(
+            "UPDATE attachments SET message_id = $2 WHERE id = $1 AND message_id IS NULL",
+            attachment_id, message_id)
+
+    async def expire(self, grace_s: float = 0.0, lease_s: float = 300.0, limit: int = 100
+                     ) -> list[AttachmentRecord]:
+        """Mark expired the attachments never uploaded: ``pending`` ``grace_s`` past their
+        expiry (a claimed record is being checked and is left alone, unless its claim is
+        older than ``lease_s``: that check died). Returns them, to remove any bytes."""
         rows = await self.pool.fetch(
-            "UPDATE attachments SET state = 'expired', reason = 'never uploaded'"
-            " WHERE id IN (SELECT id FROM attachments WHERE state = 'pending'"
-            " AND expires_at < now() ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
-            " RETURNING object_key", limit)
-        return [r["object_key"] for r in rows]
+            "UPDATE attachments SET state = 'expired', reason = 'never uploaded', claim = NULL"
+            " WHERE id IN (SELECT id FROM attachments"
+            "  WHERE expires_at < now() - make_interval(secs => $1)"
+            "  AND (state = 'pending' OR (state = 'verifying'"
+            "       AND claimed_at < now() - make_interval(secs => $2)))"
+            "  ORDER BY expires_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
+            " RETURNING *", float(grace_s), float(lease_s), limit)
+        return [_attachment(r) for r in rows]
+
+    async def deleted(self, limit: int = 100) -> list[AttachmentRecord]:
+        """Attachments whose message was deleted and whose bytes are not removed yet."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM attachments WHERE state = 'deleted' AND removed_at IS NULL"
+            " ORDER BY created_at LIMIT $1", limit)
+        return [_attachment(r) for r in rows]
+
+    async def removed(self, ids: Sequence[str]) -> None:
+        await self.pool.execute(
+            "UPDATE attachments SET removed_at = now() WHERE id = ANY($1::text[])", list(ids))

@@ -20,6 +20,7 @@ from ray import serve
 from cluster.telemetry import MetricsPusher
 from serve_app.bootstrap import open_services
 from serve_app.settings import Settings
+from stages.attachments import ready_key
 from stages.feedback import PaceConfig, Pacer
 
 log = logging.getLogger("conveyor.relay")
@@ -82,13 +83,22 @@ class OutboxRelay:
         return count
 
     async def expire_attachments(self) -> int:
-        """Never-uploaded attachments past their expiry: mark expired, remove any bytes."""
-        keys = await self.services.attachments.expire()
-        for key in keys:
-            await self.services.objects.delete(key)
-        if keys:
-            log.info("expired %d attachments that were never uploaded", len(keys))
-        return len(keys)
+        """Attachments never uploaded (pending ``attachment_expiry_grace_s`` past their
+        expiry; one being checked is left alone): mark expired, remove any bytes. Then the
+        bytes of attachments whose message was deleted. Returns how many were handled."""
+        s = self.settings
+        expired = await self.services.attachments.expire(s.attachment_expiry_grace_s,
+                                                         s.attachment_claim_lease_s)
+        deleted = await self.services.attachments.deleted()
+        for rec in [*expired, *deleted]:
+            await self.services.objects.delete(rec.object_key)
+            await self.services.objects.delete(ready_key(rec))
+        if deleted:
+            await self.services.attachments.removed([r.id for r in deleted])
+        if expired or deleted:
+            log.info("expired %d attachments never uploaded; removed the files of %d deleted"
+                     " ones", len(expired), len(deleted))
+        return len(expired) + len(deleted)
 
     async def stats(self) -> dict[str, Any]:
         pending, age = await self.services.store.outbox_stats()

@@ -89,7 +89,8 @@ async def open_services(settings: Settings) -> Services:
         dedup=DedupClient(settings.dedup_shards, settings.signal_dedup_ttl_s),
         objects=object_store(settings),
         attachments=PostgresAttachments(pool),
-        scanner=ClamdScanner(settings.clamd_address) if settings.clamd_address else None,
+        scanner=(ClamdScanner(settings.clamd_address, settings.clamd_timeout_s)
+                 if settings.clamd_address else None),
         registry=registry,
         resolver=load_resolver(settings, registry),
     )

@@ -1,7 +1,15 @@
-"""The stages that ship with Conveyor, by the names pipelines.yaml uses."""
+"""The stages that ship with Conveyor, by the names pipelines.yaml uses.
+
+A stage that does not ship with Conveyor is named in pipelines.yaml as ``module:Name``
+(``mycompany.stages:Translate``): ``Name`` is imported from the module (which must be
+importable in every Serve process) and is either a class with a ``from_config(options,
+ports)`` classmethod, or any callable ``(options, ports) -> Stage``. Stage hosts build it
+like a built-in stage, with the same ports; nothing in Conveyor itself changes.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,6 +17,7 @@ from stages.analytics import Track
 from stages.attachments import (
     CreateUpload,
     FinalizeAttachment,
+    LinkAttachment,
     ScanAttachment,
     ValidateAttachment,
     VerifyUpload,
@@ -17,8 +26,9 @@ from stages.chat import Ack, ApplyReceipts, DeliverChat, PersistChat, ValidateCh
 from stages.commands import PersistCommand, ValidateCommand
 from stages.load import DebitCredits
 from stages.notifications import register_notification_stages
+from stages.pipeline import Stage
 from stages.presence import FanoutPresence
-from stages.resolver import ConfigError, StageRegistry
+from stages.resolver import ConfigError, StageFactory, StageRegistry, StageSpec
 from stages.signals import DedupSignal, ForwardSignal, ValidateSignal
 
 
@@ -29,8 +39,49 @@ def _port(ports: Mapping[str, Any], name: str, stage: str) -> Any:
         raise ConfigError(f"stage {stage!r} needs port {name!r}, which this host lacks") from None
 
 
+def _is_dotted(name: object) -> bool:
+    return isinstance(name, str) and name.count(":") == 1 and all(name.split(":"))
+
+
+def load_factory(name: str) -> StageFactory:
+    """The factory a ``module:Name`` stage name points at (ConfigError if there is none)."""
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"stage {name!r}: cannot import {module_name!r}: {exc}") from None
+    target: Any = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ConfigError(f"stage {name!r}: {module_name!r} has no {attr!r}")
+    from_config = getattr(target, "from_config", None)
+    factory = from_config if callable(from_config) else target
+    if not callable(factory):
+        raise ConfigError(f"stage {name!r} is neither a stage class nor a factory")
+    return factory  # type: ignore[no-any-return]
+
+
+class PluginRegistry(StageRegistry):
+    """The built-in stages, plus any ``module:Name`` stage, imported on first use."""
+
+    def __contains__(self, name: object) -> bool:
+        if super().__contains__(name):
+            return True
+        if not _is_dotted(name):
+            return False
+        assert isinstance(name, str)
+        self.register(name, load_factory(name))
+        return True
+
+    def build(self, spec: StageSpec, ports: Mapping[str, Any]) -> Stage:
+        if spec.name not in self:
+            raise ConfigError(f"unknown stage {spec.name!r}")
+        return super().build(spec, ports)
+
+
 def default_registry() -> StageRegistry:
-    reg = StageRegistry()
+    reg = PluginRegistry()
     reg.register(
         "validate_chat",
         lambda o, p: ValidateChat(
@@ -77,14 +128,17 @@ def default_registry() -> StageRegistry:
         int(o.get("ttl_s", limits(p).attachment_upload_ttl_s))))
     reg.register("verify_upload", lambda o, p: VerifyUpload(
         _port(p, "attachments", "verify_upload"), _port(p, "objects", "verify_upload"),
-        _port(p, "hub", "verify_upload"), _port(p, "directory", "verify_upload")))
+        _port(p, "hub", "verify_upload"), _port(p, "directory", "verify_upload"),
+        float(o.get("claim_lease_s", limits(p).attachment_claim_lease_s))))
     reg.register("scan_attachment", lambda o, p: ScanAttachment(
         _port(p, "attachments", "scan_attachment"), _port(p, "objects", "scan_attachment"),
         _port(p, "hub", "scan_attachment"),
-        _port(p, "scanner", "scan_attachment") if o.get("antivirus", True) else None,
-        limits(p).attachment_max_bytes))
+        _port(p, "scanner", "scan_attachment") if o.get("antivirus", True) else None))
     reg.register("finalize_attachment", lambda o, p: FinalizeAttachment(
-        _port(p, "attachments", "finalize_attachment")))
+        _port(p, "attachments", "finalize_attachment"),
+        _port(p, "objects", "finalize_attachment")))
+    reg.register("link_attachment", lambda o, p: LinkAttachment(
+        _port(p, "attachments", "link_attachment")))
     reg.register("track", lambda o, p: Track(_port(p, "analytics", "track"),
                                              str(o.get("event", "accepted"))))
     register_notification_stages(reg)

@@ -6,7 +6,7 @@ arguments. Every port states its delivery semantics; the adapter tests check tha
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -247,18 +247,40 @@ class ObjectStore(Protocol):
 
     ``upload_url`` returns a URL the client PUTs the bytes to directly (valid ``expires_s``);
     the store itself never proxies uploads. ``stat`` is None for a missing object. ``head``
-    reads at most ``n`` first bytes. ``delete`` is idempotent.
+    reads at most ``n`` first bytes; ``chunks`` streams a whole object in pieces of at most
+    ``chunk_size`` bytes. ``copy`` makes ``dst`` a snapshot of ``src`` (data and content
+    type, atomically: a concurrent overwrite of ``src`` is either wholly in the copy or not
+    at all) and returns False when ``src`` does not exist. ``download_url`` serves the
+    object as a download (``Content-Disposition: attachment`` with ``file_name``).
+    ``delete`` is idempotent.
     """
 
     async def upload_url(self, key: str, content_type: str, size: int, expires_s: int) -> str: ...
 
-    async def download_url(self, key: str, expires_s: int) -> str: ...
+    async def download_url(self, key: str, expires_s: int, file_name: str | None = None) -> str: ...
 
     async def stat(self, key: str) -> ObjectInfo | None: ...
 
     async def head(self, key: str, n: int) -> bytes: ...
 
+    def chunks(self, key: str, chunk_size: int = 256 * 1024) -> AsyncIterator[bytes]: ...
+
+    async def copy(self, src: str, dst: str) -> bool: ...
+
     async def delete(self, key: str) -> None: ...
+
+
+class ScanLimitExceeded(Exception):
+    """The virus scanner refused the stream as larger than it is configured to scan."""
+
+
+class VirusScanner(Protocol):
+    """A virus scanner (ClamAV's clamd). ``scan`` reads the whole stream and returns None
+    when it is clean, else the signature found; it raises ``ScanLimitExceeded`` when the
+    stream is over the scanner's size limit, and any other exception when the scan could
+    not run (scanner unreachable, timeout): the file is then neither clean nor infected."""
+
+    async def scan(self, chunks: AsyncIterable[bytes]) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,22 +293,37 @@ class AttachmentRecord:
     file_name: str
     content_type: str
     size: int
-    state: str
+    state: str  # pending | verifying | ready | rejected | expired | deleted
     upload_token: str
     expires_at: str
     message_id: str | None = None
+    claim: str | None = None  # while verifying: the token of the processing that holds it
 
 
 class AttachmentStore(Protocol):
-    """Attachment records. ``create`` is idempotent on (uploader, client id): a repeat
-    returns the first record with ``duplicate`` True. ``finish`` moves a record out of
-    ``pending`` once (a second call returns False): that is what makes repeated storage
-    events harmless."""
+    """Attachment records.
+
+    - ``create`` is idempotent on (uploader, client id): a repeat returns the first record
+      with ``duplicate`` True.
+    - ``claim`` moves a ``pending`` record (or a ``verifying`` one whose claim is older than
+      ``lease_s``: its processing died) to ``verifying`` under a fresh claim token, atomically:
+      of two concurrent claims one gets the record, the other None. Only the holder of the
+      claim may ``finish`` the record (to ``ready`` or ``rejected``) or ``release`` it back to
+      ``pending``; both return False when the claim was lost. That is what makes repeated
+      storage events harmless and keeps expiry from racing an upload being processed.
+    - ``link`` records the chat message of a ready attachment.
+    """
 
     async def create(self, records: Sequence[AttachmentRecord]
                      ) -> list[tuple[AttachmentRecord, bool]]: ...
 
     async def get(self, ids: Sequence[str]) -> dict[str, AttachmentRecord]: ...
 
-    async def finish(self, attachment_id: str, state: str, reason: str | None = None,
-                     message_id: str | None = None) -> bool: ...
+    async def claim(self, attachment_id: str, lease_s: float) -> AttachmentRecord | None: ...
+
+    async def release(self, attachment_id: str, claim: str) -> bool: ...
+
+    async def finish(self, attachment_id: str, claim: str, state: str,
+                     reason: str | None = None) -> bool: ...
+
+    async def link(self, attachment_id: str, message_id: str) -> None: ...

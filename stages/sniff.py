@@ -9,11 +9,19 @@ SIGNATURES: list[tuple[bytes, int, str]] = [
     (b"GIF89a", 0, "image/gif"),
     (b"%PDF-", 0, "application/pdf"),
     (b"PK\x03\x04", 0, "application/zip"),
+    (b"PK\x05\x06", 0, "application/zip"),  # an empty archive
+    (b"PK\x07\x08", 0, "application/zip"),  # a spanned archive
     (b"ID3", 0, "audio/mpeg"),
+    (b"\xff\xfb", 0, "audio/mpeg"),  # MPEG-1 layer III frame without an ID3 tag
+    (b"\xff\xf3", 0, "audio/mpeg"),
+    (b"\xff\xf2", 0, "audio/mpeg"),
     (b"\x7fELF", 0, "application/x-executable"),
     (b"MZ", 0, "application/x-msdownload"),
     (b"ftyp", 4, "video/mp4"),
 ]
+
+# Types whose files always start with a signature above: such a declared type needs it.
+SIGNED_TYPES = frozenset({ctype for _, _, ctype in SIGNATURES} | {"image/webp"})
 
 
 def sniff(head: bytes) -> str | None:
@@ -34,9 +42,10 @@ def sniff(head: bytes) -> str | None:
 
 
 def matches(declared: str, head: bytes) -> tuple[bool, str | None]:
-    """Whether the declared type agrees with the bytes; unknown formats are accepted only
-    when nothing contradicts them (no executable, no other known type)."""
+    """Whether the declared type agrees with the bytes. A type with a known signature (every
+    image, pdf, zip, mp3, mp4 type) needs that signature; ``text/plain`` needs UTF-8 text; a
+    type we know no signature of is accepted only when the bytes show no known type."""
     found = sniff(head)
     if found is None:
-        return declared not in ("text/plain",), None
+        return declared not in SIGNED_TYPES and declared != "text/plain", None
     return found == declared, found

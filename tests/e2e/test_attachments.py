@@ -1,20 +1,25 @@
-"""Attachments in two phases against the Serve app, a real S3 API (moto) and PostgreSQL."""
+"""Attachments in two phases against the Serve app, a real S3 API (moto), PostgreSQL and a
+fake clamd speaking clamd's protocol; and, in a second small Serve application, the
+embedded local object store end to end."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from adapters.objects import S3ObjectStore
 from tests.client import WsClient, create_chat
 from tests.conftest import WEBHOOK_SECRET, App
+from tests.fake_clamd import EICAR
 
 pytestmark = pytest.mark.e2e
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(200)
+HTML = b"<html><script>alert(document.cookie)</script>".ljust(len(PNG), b" ")
 
 
 def user() -> str:
@@ -47,10 +52,11 @@ async def start_upload(c: WsClient, chat: str, name: str, ctype: str, size: int
     return await c.ack(cid)
 
 
-async def webhook(app: App, key: str, size: int, secret: str = WEBHOOK_SECRET) -> httpx.Response:
+async def webhook(app: App, key: str, size: int, secret: str | None = WEBHOOK_SECRET
+                  ) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {secret}"} if secret is not None else {}
     async with httpx.AsyncClient(base_url=app.base_url) as http:
-        return await http.post("/v1/storage/events", json=minio_event(key, size),
-                               headers={"Authorization": f"Bearer {secret}"})
+        return await http.post("/v1/storage/events", json=minio_event(key, size), headers=headers)
 
 
 async def put(url: str, data: bytes, ctype: str) -> int:
@@ -59,9 +65,36 @@ async def put(url: str, data: bytes, ctype: str) -> int:
         return r.status_code
 
 
-async def object_key(app_db: Any, attachment_id: str) -> str:
-    return str(await app_db.fetchval("SELECT object_key FROM attachments WHERE id=$1",
-                                     attachment_id))
+async def complete(http: httpx.AsyncClient, ack: dict[str, Any], token: str | None = None
+                   ) -> httpx.Response:
+    """POST /v1/attachments/{id}/complete with the ack's upload token (or the one given)."""
+    return await http.post(f"/v1/attachments/{ack['attachmentId']}/complete",
+                           headers={"X-Upload-Token": token or ack["uploadToken"]})
+
+
+async def download(app: App, url: str, who: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=app.base_url) as http:
+        r = await http.get(url, headers=app.auth(who))
+        assert r.status_code == 307, r.text
+        return await http.get(r.headers["location"])
+
+
+def bucket(app: App) -> S3ObjectStore:
+    return S3ObjectStore(app.settings["s3_endpoint"], "test", "test-secret",
+                         "conveyor-attachments")
+
+
+async def row(app_db: Any, attachment_id: str) -> Any:
+    return await app_db.fetchrow("SELECT * FROM attachments WHERE id=$1", attachment_id)
+
+
+def ready_key(rec: Any) -> str:
+    return f"ready/{rec['id']}/{rec['object_key'].rsplit('/', 1)[-1]}"
+
+
+def rejected(aid: str) -> Any:
+    return lambda f: (f["type"] == "system" and f["event"] == "attachment_rejected"
+                      and f["data"]["attachmentId"] == aid)
 
 
 async def test_attachment_round_trip_through_s3_and_the_storage_webhook(
@@ -75,10 +108,14 @@ async def test_attachment_round_trip_through_s3_and_the_storage_webhook(
     assert ack["status"] == "accepted" and ack["uploadUrl"].startswith("http://127.0.0.1")
     assert ack["attachmentId"] and ack["uploadToken"] and ack["expiresAt"]
     assert await put(ack["uploadUrl"], PNG, "image/png") == 200  # straight to S3
-    key = await object_key(app_db, ack["attachmentId"])
+    rec = await row(app_db, ack["attachmentId"])
+    key = rec["object_key"]
 
     r = await webhook(conveyor, key, len(PNG), secret="forged")
     assert r.status_code == 401
+    r = await webhook(conveyor, key, len(PNG), secret=None)  # no Authorization header at all
+    assert r.status_code == 401
+    assert (await row(app_db, ack["attachmentId"]))["state"] == "pending"
     r = await webhook(conveyor, key, len(PNG))
     assert r.status_code == 200, r.text
     assert r.json()["results"][0]["state"] == "ready"
@@ -87,19 +124,48 @@ async def test_attachment_round_trip_through_s3_and_the_storage_webhook(
     assert msg["attachment"]["attachmentId"] == ack["attachmentId"]
     assert msg["attachment"]["fileName"] == "cat.png" and msg["attachment"]["size"] == len(PNG)
     await b.receipt([msg["messageId"]])
+    rec = await row(app_db, ack["attachmentId"])
+    assert rec["state"] == "ready" and rec["message_id"] == msg["messageId"]
     # A repeated event makes no second message.
     r = await webhook(conveyor, key, len(PNG))
     assert r.json()["results"][0]["state"] == "ready"
     assert await app_db.fetchval(
         "SELECT count(*) FROM messages WHERE chat_id=$1 AND kind='attachment'", chat) == 1
     assert not [f for f in await b.drain(1.0) if f["type"] == "message"]
+    got = await download(conveyor, msg["attachment"]["url"], bob)
+    assert got.content == PNG
+    assert got.headers["content-disposition"].startswith('attachment; filename="cat.png"')
     async with httpx.AsyncClient(base_url=conveyor.base_url) as http:
-        r = await http.get(msg["attachment"]["url"], headers=conveyor.auth(bob))
-        assert r.status_code == 307
-        got = await http.get(r.headers["location"])
-        assert got.content == PNG
         outsider = await http.get(msg["attachment"]["url"], headers=conveyor.auth(user()))
         assert outsider.status_code == 404
+    for c in (a, b):
+        await c.close()
+
+
+async def test_a_checked_file_cannot_be_swapped_after_it_passed(conveyor: App, app_db: Any
+                                                                ) -> None:
+    alice, bob = user(), user()
+    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
+    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
+    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    ack = await start_upload(a, chat, "cat.png", "image/png", len(PNG))
+    assert await put(ack["uploadUrl"], PNG, "image/png") == 200
+    async with httpx.AsyncClient(base_url=conveyor.base_url, headers=conveyor.auth(alice)) as http:
+        assert (await complete(http, ack)).json()["state"] == "ready"
+        msg = await b.message(kind="attachment")
+        # The presigned PUT is still valid: other bytes (another type, same size) go up...
+        assert await put(ack["uploadUrl"], HTML, "text/html") == 200
+        # ...and storage reports them, and the uploader asks again: nothing is re-checked,
+        # nothing is posted, and the new bytes are thrown away.
+        key = (await row(app_db, ack["attachmentId"]))["object_key"]
+        r = await webhook(conveyor, key, len(HTML))
+        assert r.json()["results"][0]["state"] == "ready"
+        r = await complete(http, ack)
+        assert r.status_code == 200 and r.json()["messageId"] == msg["messageId"]
+    assert await bucket(conveyor).stat(key) is None
+    got = await download(conveyor, msg["attachment"]["url"], bob)
+    assert got.content == PNG and got.headers["content-type"] == "image/png"
+    assert not [f for f in await b.drain(0.5) if f["type"] == "message"]
     for c in (a, b):
         await c.close()
 
@@ -109,36 +175,53 @@ async def test_complete_endpoint_and_refusals(conveyor: App, app_db: Any) -> Non
     chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
     a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
     b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    s3 = bucket(conveyor)
     async with httpx.AsyncClient(base_url=conveyor.base_url, headers=conveyor.auth(alice)) as http:
         # Not uploaded yet: 409, and the attachment stays pending.
         pending = await start_upload(a, chat, "doc.pdf", "application/pdf", 9)
-        r = await http.post(f"/v1/attachments/{pending['attachmentId']}/complete")
+        r = await complete(http, pending)
         assert r.status_code == 409 and r.json()["error"]["code"] == "not_uploaded"
+        assert (await row(app_db, pending["attachmentId"]))["state"] == "pending"
         assert await put(pending["uploadUrl"], b"%PDF-1.7\n", "application/pdf") == 200
+        # The upload token of the ack is required.
         r = await http.post(f"/v1/attachments/{pending['attachmentId']}/complete")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+        r = await complete(http, pending, token="not-the-token")
+        assert r.status_code == 403
+        assert (await row(app_db, pending["attachmentId"]))["state"] == "pending"
+        r = await complete(http, pending)
         assert r.status_code == 200 and r.json()["state"] == "ready"
         assert (await b.message(kind="attachment"))["attachment"]["fileName"] == "doc.pdf"
 
         # Larger than declared: refused, never reaches the chat; the uploader is told.
         big = await start_upload(a, chat, "big.png", "image/png", 10)
         assert await put(big["uploadUrl"], PNG, "image/png") == 200
-        r = await http.post(f"/v1/attachments/{big['attachmentId']}/complete")
+        r = await complete(http, big)
         assert r.status_code == 422 and r.json()["error"]["code"] == "too_large"
-        told = await a.expect(lambda f: f["type"] == "system"
-                              and f["event"] == "attachment_rejected")
-        assert told["data"]["attachmentId"] == big["attachmentId"]
+        told = await a.expect(rejected(big["attachmentId"]))
+        assert told["data"]["code"] == "too_large" and told["data"]["chatId"] == chat
 
-        # Declared a PNG, uploaded an executable: the scan stage refuses it.
+        # Declared a PNG, uploaded an executable: the scan stage refuses it, the uploader
+        # is told why, and neither the upload nor the checked copy is left in S3.
         fake = b"MZ" + bytes(50)
         liar = await start_upload(a, chat, "cute.png", "image/png", len(fake))
         assert await put(liar["uploadUrl"], fake, "image/png") == 200
-        r = await http.post(f"/v1/attachments/{liar['attachmentId']}/complete")
+        r = await complete(http, liar)
         assert r.status_code == 422 and r.json()["error"]["code"] == "type_mismatch"
-        assert await app_db.fetchval("SELECT state FROM attachments WHERE id=$1",
-                                     liar["attachmentId"]) == "rejected"
+        told = await a.expect(rejected(liar["attachmentId"]))
+        assert told["data"]["code"] == "type_mismatch"
+        assert "application/x-msdownload" in told["data"]["reason"]
+        rec = await row(app_db, liar["attachmentId"])
+        assert rec["state"] == "rejected"
+        assert await s3.stat(rec["object_key"]) is None and await s3.stat(ready_key(rec)) is None
+        # Declared a PNG, uploaded bytes with no signature at all: refused as well.
+        blank = await start_upload(a, chat, "blank.png", "image/png", 100)
+        assert await put(blank["uploadUrl"], bytes(100), "image/png") == 200
+        r = await complete(http, blank)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "type_mismatch"
         # Someone else's attachment: not found.
         r = await http.post(f"/v1/attachments/{pending['attachmentId']}/complete",
-                            headers=conveyor.auth(bob))
+                            headers={**conveyor.auth(bob), "X-Upload-Token": pending["uploadToken"]})
         assert r.status_code == 404
 
     bad = await start_upload(a, chat, "x.exe", "application/x-msdownload", 10)
@@ -154,6 +237,63 @@ async def test_complete_endpoint_and_refusals(conveyor: App, app_db: Any) -> Non
         await c.close()
 
 
+async def test_clamav_refuses_an_infected_file(conveyor: App, app_db: Any, clamd: Any) -> None:
+    alice, bob = user(), user()
+    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
+    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
+    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    scans_before = len(clamd.clamd.scans)
+    ack = await start_upload(a, chat, "readme.txt", "text/plain", len(EICAR))
+    assert await put(ack["uploadUrl"], EICAR, "text/plain") == 200
+    async with httpx.AsyncClient(base_url=conveyor.base_url, headers=conveyor.auth(alice)) as http:
+        r = await complete(http, ack)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "infected"
+    told = await a.expect(rejected(ack["attachmentId"]))
+    assert told["data"]["code"] == "infected" and "Eicar-Signature" in told["data"]["reason"]
+    assert [s.reply for s in clamd.clamd.scans[scans_before:]] == [
+        "stream: Eicar-Signature FOUND"]
+    rec = await row(app_db, ack["attachmentId"])
+    assert rec["state"] == "rejected" and await bucket(conveyor).stat(ready_key(rec)) is None
+    assert await app_db.fetchval("SELECT count(*) FROM messages WHERE chat_id=$1", chat) == 0
+    # A clean file of the same kind goes through the same scanner and reaches the chat.
+    ok = await start_upload(a, chat, "notes.txt", "text/plain", 11)
+    assert await put(ok["uploadUrl"], b"plain notes", "text/plain") == 200
+    async with httpx.AsyncClient(base_url=conveyor.base_url, headers=conveyor.auth(alice)) as http:
+        assert (await complete(http, ok)).json()["state"] == "ready"
+    msg = await b.message(kind="attachment")
+    assert msg["attachment"]["attachmentId"] == ok["attachmentId"]
+    assert clamd.clamd.scans[-1].reply == "stream: OK"
+    for c in (a, b):
+        await c.close()
+
+
+async def test_a_deleted_attachment_message_takes_its_file_with_it(conveyor: App, app_db: Any
+                                                                   ) -> None:
+    import ray
+
+    alice, bob = user(), user()
+    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
+    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
+    ack = await start_upload(a, chat, "cat.png", "image/png", len(PNG))
+    assert await put(ack["uploadUrl"], PNG, "image/png") == 200
+    async with httpx.AsyncClient(base_url=conveyor.base_url, headers=conveyor.auth(alice)) as http:
+        mid = (await complete(http, ack)).json()["messageId"]
+    async with httpx.AsyncClient(base_url=conveyor.base_url) as http:
+        url = f"/v1/attachments/{ack['attachmentId']}/content"
+        assert (await http.get(url, headers=conveyor.auth(bob))).status_code == 307
+        await a.send({"type": "command", "id": "del-1", "op": "delete", "messageId": mid})
+        assert (await a.ack("del-1"))["status"] == "accepted"
+        r = await http.get(url, headers=conveyor.auth(bob))
+        assert r.status_code == 410 and r.json()["error"]["code"] == "gone"
+    rec = await row(app_db, ack["attachmentId"])
+    assert rec["state"] == "deleted" and await bucket(conveyor).stat(ready_key(rec)) is not None
+    relay = ray.serve.get_deployment_handle("OutboxRelay", app_name="conveyor")
+    assert await relay.expire_attachments.remote() >= 1
+    assert await bucket(conveyor).stat(ready_key(rec)) is None
+    assert (await row(app_db, ack["attachmentId"]))["removed_at"] is not None
+    await a.close()
+
+
 async def test_expired_never_uploaded_attachments_are_cleaned_up(
     conveyor: App, app_db: Any
 ) -> None:
@@ -162,12 +302,86 @@ async def test_expired_never_uploaded_attachments_are_cleaned_up(
     alice = user()
     chat = await create_chat(conveyor.base_url, conveyor.token(alice), [user()])
     a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
-    ack = await start_upload(a, chat, "later.png", "image/png", 10)
+    late = await start_upload(a, chat, "later.png", "image/png", 10)
+    recent = await start_upload(a, chat, "recent.png", "image/png", 10)
+    # One expired an hour ago; the other a moment ago, still within the grace period.
+    await app_db.execute("UPDATE attachments SET expires_at = now() - interval '1 hour'"
+                         " WHERE id = $1", late["attachmentId"])
     await app_db.execute("UPDATE attachments SET expires_at = now() - interval '1 second'"
-                         " WHERE id = $1", ack["attachmentId"])
+                         " WHERE id = $1", recent["attachmentId"])
     relay = ray.serve.get_deployment_handle("OutboxRelay", app_name="conveyor")
     assert await relay.expire_attachments.remote() >= 1
-    assert await app_db.fetchval("SELECT state FROM attachments WHERE id=$1",
-                                 ack["attachmentId"]) == "expired"
-    await asyncio.sleep(0)
+    assert (await row(app_db, late["attachmentId"]))["state"] == "expired"
+    assert (await row(app_db, recent["attachmentId"]))["state"] == "pending"
+    async with httpx.AsyncClient(base_url=conveyor.base_url, headers=conveyor.auth(alice)) as http:
+        r = await complete(http, late)  # a late confirmation: a clear "too late"
+        assert r.status_code == 410 and r.json()["error"]["code"] == "expired"
+        assert r.json()["state"] == "expired"
     await a.close()
+
+
+async def test_client_frames_may_not_use_the_server_dedup_prefix(conveyor: App) -> None:
+    alice = user()
+    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [user()])
+    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
+    await a.send({"type": "chat", "id": f"attachment:{uuid.uuid4()}", "chatId": chat,
+                  "body": "squatting an attachment's message key"})
+    err = await a.expect(lambda f: f["type"] == "error")
+    assert err["code"] == "invalid" and err["id"].startswith("attachment:")
+    assert (await a.ack(await a.chat(chat, "an ordinary id")))["status"] == "accepted"
+    await a.close()
+
+
+# --- the embedded local object store, in a second Serve application ------------------------
+
+@pytest.fixture(scope="module")
+def local_app(conveyor: App, new_database: Any) -> Iterator[App]:
+    """The app without S3: uploads go to its own PUT /v1/uploads/... (one small gateway
+    replica, its own database, under /local in the same Ray)."""
+    from ray import serve
+
+    from serve_app.app import build_graph
+
+    base = f"{conveyor.base_url}/local"
+    dsn = new_database("local")
+    settings = {**conveyor.settings, "database_url": dsn, "s3_endpoint": None,
+                "s3_access_key": None, "s3_secret_key": None, "public_base_url": base}
+    small = {"ray_actor_options": {"num_cpus": 0.05}}
+    serve.run(build_graph(dict(settings), options={
+        "Gateway": {"num_replicas": 1, **small}, "stages": small, "OutboxRelay": small,
+        "NotificationDispatcher": small}), name="local", route_prefix="/local")
+    yield App(base, conveyor.ws_url.replace("/v1/ws", "/local/v1/ws"), dsn,
+              conveyor.data_dir, settings)
+    serve.delete("local")
+
+
+async def test_local_store_upload_download_and_refusals(local_app: App) -> None:
+    alice, bob = user(), user()
+    chat = await create_chat(local_app.base_url, local_app.token(alice), [bob])
+    a = await WsClient.connect(local_app.ws_url, local_app.token(alice))
+    b = await WsClient.connect(local_app.ws_url, local_app.token(bob))
+    ack = await start_upload(a, chat, "cat.png", "image/png", len(PNG))
+    assert ack["uploadUrl"].startswith(f"{local_app.base_url}/v1/uploads/")
+    async with httpx.AsyncClient() as http:
+        # More bytes than declared: 413, nothing kept, still pending.
+        r = await http.put(ack["uploadUrl"], content=PNG + b"extra",
+                           headers={"Content-Type": "image/png"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+        # A forged signature: 403.
+        r = await http.put(ack["uploadUrl"].replace("sig=", "sig=0"), content=PNG)
+        assert r.status_code == 403
+        r = await http.put(ack["uploadUrl"], content=PNG, headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["state"] == "ready"
+        msg = await b.message(kind="attachment")
+        assert msg["attachment"]["attachmentId"] == ack["attachmentId"]
+        # The upload URL takes nothing more once the attachment is checked.
+        r = await http.put(ack["uploadUrl"], content=HTML, headers={"Content-Type": "text/html"})
+        assert r.status_code == 409
+        got = await download(local_app, msg["attachment"]["url"], bob)
+    assert got.status_code == 200 and got.content == PNG
+    assert got.headers["content-type"] == "image/png"
+    assert got.headers["content-disposition"] == 'attachment; filename="cat.png"'
+    assert got.headers["x-content-type-options"] == "nosniff"
+    for c in (a, b):
+        await c.close()

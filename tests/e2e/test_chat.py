@@ -211,7 +211,19 @@ async def test_history_and_sync_return_the_stored_messages(conveyor: App) -> Non
     await a.send({"type": "sync", "id": "s1", "chatId": chat, "afterSeq": 1, "limit": 3})
     sync = await a.expect(lambda f: f["type"] == "sync")
     assert sync["id"] == "s1" and sync["messages"] == page["messages"] and sync["hasMore"] is True
+    # Not a member: an error frame, no history; the connection stays usable.
+    e = await connect(conveyor, eve)
+    await e.send({"type": "sync", "id": "s2", "chatId": chat, "afterSeq": 0, "limit": 50})
+    err = await e.expect(lambda f: f["type"] in ("sync", "error"))
+    assert err["type"] == "error" and err["code"] == "forbidden" and err["id"] == "s2"
+    await e.send({"type": "sync", "id": "s3", "chatId": str(uuid.uuid4()), "afterSeq": 0,
+                  "limit": 50})
+    err = await e.expect(lambda f: f["type"] in ("sync", "error"))
+    assert err["type"] == "error" and err["code"] == "not_found" and err["id"] == "s3"
+    await e.send({"type": "ping"})
+    await e.expect(lambda f: f["type"] == "pong")
     await a.close()
+    await e.close()
 
 
 async def test_seq_is_gap_free_and_ordered_with_concurrent_senders(conveyor: App) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -44,9 +45,12 @@ async def test_edit_react_delete_are_delivered_and_reflected_in_history(conveyor
     assert (await command(b, "react", m2, emoji="👍"))["status"] == "accepted"
     toggled = await command(b, "react", m2, emoji="🎉")
     assert toggled["status"] == "accepted"
-    await command(b, "react", m2, emoji="🎉")  # toggles it off again
-    reacted = await a.expect(lambda f: f["type"] == "command" and f["op"] == "react")
-    assert reacted["emoji"] == "👍" and reacted["added"] is True and reacted["by"] == bob
+    assert (await command(b, "react", m2, emoji="🎉"))["status"] == "accepted"  # toggled off
+    reacts = [await a.expect(lambda f: f["type"] == "command" and f["op"] == "react")
+              for _ in range(3)]
+    assert [(f["emoji"], f["added"], f["by"], f["messageId"]) for f in reacts] == [
+        ("👍", True, bob, m2), ("🎉", True, bob, m2), ("🎉", False, bob, m2)]
+    assert [f["seq"] for f in reacts] == [4, 5, 6]
     assert (await command(a, "delete", m1))["status"] == "accepted"
     assert (await command(a, "edit", m1, body="too late"))["error"]["code"] == "not_found"
     assert (await command(a, "react", "no-such-message", emoji="x"))["error"]["code"] == "not_found"
@@ -64,6 +68,10 @@ async def test_edit_react_delete_are_delivered_and_reflected_in_history(conveyor
     events = [(m["op"], m["seq"]) for m in rows if m["type"] == "command"]
     assert events == [("edit", 3), ("react", 4), ("react", 5), ("react", 6), ("delete", 7)]
     assert [m["seq"] for m in rows] == list(range(1, 8))
+    # Nothing of the deleted message is left: neither its body nor the edit event's body.
+    edit_row = next(m for m in rows if m["type"] == "command" and m["op"] == "edit")
+    assert edit_row["messageId"] == m1 and edit_row["body"] is None
+    assert not [m for m in rows if "frist" in str(m) or "first" in str(m)], rows
     await a.send({"type": "sync", "id": "s", "chatId": chat, "afterSeq": 0, "limit": 100})
     sync = await a.expect(lambda f: f["type"] == "sync")
     assert sync["messages"] == rows and sync["hasMore"] is False
@@ -71,7 +79,8 @@ async def test_edit_react_delete_are_delivered_and_reflected_in_history(conveyor
         await c.close()
 
 
-async def test_commands_are_replayed_in_order_to_an_offline_member(conveyor: App) -> None:
+async def test_commands_are_replayed_in_order_to_an_offline_member(conveyor: App, app_db: Any
+                                                                   ) -> None:
     alice, bob = user(), user()
     chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
     a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
@@ -85,6 +94,11 @@ async def test_commands_are_replayed_in_order_to_an_offline_member(conveyor: App
     assert first["type"] == "message" and first["body"] == "hello, edited"  # current state
     assert (edit["type"], edit["op"], react["op"]) == ("command", "edit", "react")
     await b.receipt([react["eventId"]])  # cumulative receipt through the last event
+    for _ in range(100):  # receipts are applied asynchronously: wait until it is stored
+        if await app_db.fetchval("SELECT delivered_seq FROM chat_members WHERE chat_id=$1"
+                                 " AND user_id=$2", chat, bob) == 3:
+            break
+        await asyncio.sleep(0.05)
     await b.close()
     b2 = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
     assert not [f for f in await b2.drain(1.5) if f.get("chatId") == chat]
@@ -92,19 +106,53 @@ async def test_commands_are_replayed_in_order_to_an_offline_member(conveyor: App
     await b2.close()
 
 
-async def test_chat_list_shows_last_seq_and_unread_count(conveyor: App) -> None:
+async def chat_entry(app: App, who: str, chat: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=app.base_url) as http:
+        chats = (await http.get("/v1/chats", headers=app.auth(who))).json()["chats"]
+    (mine,) = [c for c in chats if c["chatId"] == chat]
+    return dict(mine)
+
+
+async def test_chat_list_shows_last_seq_and_unread_count(conveyor: App, app_db: Any) -> None:
     alice, bob = user(), user()
     chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob], title="t")
     a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
     ids = [(await a.ack(await a.chat(chat, f"x{i}")))["messageId"] for i in range(4)]
     b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    for i in range(4):
+        await b.message(messageId=ids[i])
     await b.receipt([ids[1]], "read")
-    import asyncio
-    await asyncio.sleep(0.5)
-    async with httpx.AsyncClient(base_url=conveyor.base_url) as http:
-        chats = (await http.get("/v1/chats", headers=conveyor.auth(bob))).json()["chats"]
-    (mine,) = [c for c in chats if c["chatId"] == chat]
-    assert mine["lastSeq"] == 4 and mine["unreadCount"] == 2 and mine["readSeq"] == 2
+    # Bob reacts, Alice edits: events of the chat, not messages anyone has to read.
+    assert (await command(b, "react", ids[0], emoji="👍"))["seq"] == 5
+    assert (await command(a, "edit", ids[3], body="x3, edited"))["seq"] == 6
+    for _ in range(100):  # the receipt is applied asynchronously: wait for it
+        if await app_db.fetchval("SELECT read_seq FROM chat_members WHERE chat_id=$1"
+                                 " AND user_id=$2", chat, bob) == 2:
+            break
+        await asyncio.sleep(0.05)
+    mine = await chat_entry(conveyor, bob, chat)
+    assert mine["lastSeq"] == 6 and mine["unreadCount"] == 2 and mine["readSeq"] == 2
     assert mine["title"] == "t" and sorted(mine["members"]) == sorted([alice, bob])
+    theirs = await chat_entry(conveyor, alice, chat)
+    assert theirs["unreadCount"] == 0  # Bob's reaction is not an unread message for Alice
     await a.close()
     await b.close()
+
+
+async def test_an_unreceipted_command_is_redelivered_while_connected(conveyor: App) -> None:
+    alice, bob = user(), user()
+    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
+    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
+    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    mid = (await a.ack(await a.chat(chat, "hello")))["messageId"]
+    msg = await b.message(messageId=mid)
+    await b.receipt([msg["messageId"]])
+    edit = await command(a, "edit", mid, body="hello!")
+    first = await b.expect(lambda f: f["type"] == "command" and f["op"] == "edit")
+    assert first["eventId"] == edit["messageId"] and first["seq"] == 2
+    # No receipt: after the redelivery backoff (1 s in the test settings) it comes again.
+    again = await b.expect(lambda f: f["type"] == "command" and f["op"] == "edit", timeout=15)
+    assert (again["eventId"], again["seq"], again["body"]) == (first["eventId"], 2, "hello!")
+    await b.receipt([again["eventId"]])
+    for c in (a, b):
+        await c.close()

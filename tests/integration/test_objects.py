@@ -57,3 +57,48 @@ async def test_s3_store_presigned_put_stat_head_delete(s3: str) -> None:
     await store.delete("chat/att/photo.png")
     assert await store.stat("chat/att/photo.png") is None
     await store.ping()
+
+
+async def collect(store: LocalObjectStore | S3ObjectStore, key: str, size: int) -> list[bytes]:
+    return [c async for c in store.chunks(key, size)]
+
+
+async def test_local_copy_is_a_snapshot_and_chunks_stream(tmp_path: Path) -> None:
+    store = LocalObjectStore.from_data_dir(tmp_path, "http://app")
+    assert await store.copy("c/a/missing.png", "ready/a/missing.png") is False
+    await store.write("c/a/cat.png", chunks(b"\x89PNG", b"\r\n\x1a\n"), "image/png", 8)
+    assert await store.copy("c/a/cat.png", "ready/a/cat.png") is True
+    # A later upload to the same key does not change the copy.
+    await store.write("c/a/cat.png", chunks(b"<html>x</html>"), "text/html", 100)
+    info = await store.stat("ready/a/cat.png")
+    assert info is not None and (info.size, info.content_type) == (8, "image/png")
+    assert await collect(store, "ready/a/cat.png", 3) == [b"\x89PN", b"G\r\n", b"\x1a\n"]
+    # A re-upload without a content type does not keep the old one.
+    await store.write("c/a/cat.png", chunks(b"abc"), None, 100)
+    info = await store.stat("c/a/cat.png")
+    assert info is not None and info.content_type is None
+    url = await store.download_url("ready/a/cat.png", 60, "ignored.png")
+    assert "/v1/uploads/ready/a/cat.png?" in url
+    assert not list(tmp_path.glob("objects/**/*.part"))
+
+
+async def test_s3_copy_chunks_and_download_as_attachment(s3: str) -> None:
+    store = S3ObjectStore(s3, "test", "test-secret", "objects-copy")
+    url = await store.upload_url("c/a/photo.png", "image/png", 0, 60)
+    body = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 10
+    async with httpx.AsyncClient() as http:
+        assert (await http.put(url, content=body, headers={"Content-Type": "image/png"})
+                ).status_code == 200
+        assert await store.copy("c/a/missing.png", "ready/a/missing.png") is False
+        assert await store.copy("c/a/photo.png", "ready/a/photo.png") is True
+        # The presigned PUT still works after the copy: the copy does not change.
+        assert (await http.put(url, content=b"<html>", headers={"Content-Type": "text/html"})
+                ).status_code == 200
+        info = await store.stat("ready/a/photo.png")
+        assert info is not None and (info.size, info.content_type) == (len(body), "image/png")
+        got = await collect(store, "ready/a/photo.png", 1000)
+        assert b"".join(got) == body and [len(c) for c in got] == [1000, 1000, 568]
+        r = await http.get(await store.download_url("ready/a/photo.png", 60, "фото 1.png"))
+    assert r.status_code == 200 and r.content == body
+    assert r.headers["content-disposition"] == (
+        "attachment; filename=\"1.png\"; filename*=UTF-8''%D1%84%D0%BE%D1%82%D0%BE%201.png")

@@ -7,8 +7,8 @@ from typing import Any
 
 import asyncpg
 
-from adapters.postgres import CachedDirectory, PostgresStore, migrate
-from stages.ports import ChatDraft, Receipt
+from adapters.postgres import CachedDirectory, PostgresAttachments, PostgresStore, migrate
+from stages.ports import AttachmentRecord, ChatDraft, Receipt
 
 
 def draft(chat: str, client: str, sender: str = "alice", body: str = "hi") -> ChatDraft:
@@ -126,3 +126,119 @@ async def test_embedded_postgres_default_starts_and_keeps_data(tmp_path: Any) ->
     assert [c["title"] for c in await PostgresStore(pool).chats_of("bob")] == ["kept"]
     assert chat
     await pool.close()
+
+
+def command(sender: str, client: str, op: str, target: str, body: str | None = None,
+            emoji: str | None = None) -> ChatDraft:
+    return ChatDraft(chat_id="", sender_id=sender, client_id=client, body=body, kind=op,
+                     target=target, emoji=emoji)
+
+
+async def test_unread_count_counts_messages_from_others_not_command_events(
+    db_pool: asyncpg.Pool,
+) -> None:
+    store = PostgresStore(db_pool)
+    chat = await store.create_chat("alice", ["bob"], None)
+    m1, _ = await store.persist([draft(chat, "1"), draft(chat, "2")])
+    reacted = await store.persist([command("bob", "r1", "react", m1.message_id, emoji="👍")])
+    assert reacted[0].error is None and reacted[0].seq == 3
+    await store.persist([command("alice", "e1", "edit", m1.message_id, body="edited")])
+    unread = {c["chatId"]: c["unreadCount"] for c in await store.chats_of("alice")}
+    assert unread[chat] == 0  # bob's reaction is an event, not a message
+    (mine,) = await store.chats_of("bob")
+    assert mine["unreadCount"] == 2 and mine["lastSeq"] == 4  # alice's edit is not counted
+
+
+async def test_delete_leaves_no_body_in_edit_events_and_marks_its_attachment_deleted(
+    db_pool: asyncpg.Pool,
+) -> None:
+    store, attachments = PostgresStore(db_pool), PostgresAttachments(db_pool)
+    chat = await store.create_chat("alice", ["bob"], None)
+    (text,) = await store.persist([draft(chat, "t", body="my secret")])
+    for i, body in enumerate(["secret 2", "secret 3"]):
+        await store.persist([command("alice", f"e{i}", "edit", text.message_id, body=body)])
+    rec = attachment(chat)
+    await attachments.create([rec])
+    held = await attachments.claim(rec.id, 60)
+    assert held is not None and held.claim is not None
+    assert await attachments.finish(rec.id, held.claim, "ready")
+    (att,) = await store.persist([ChatDraft(
+        chat_id=chat, sender_id="alice", client_id=f"attachment:{rec.id}", body="cat.png",
+        kind="attachment", attachment={"attachmentId": rec.id, "fileName": "cat.png"})])
+    await attachments.link(rec.id, att.message_id)
+    for target in (text.message_id, att.message_id):
+        (gone,) = await store.persist([command("alice", f"d-{target}", "delete", target)])
+        assert gone.error is None
+    rows = await store.messages_after(chat, 0, 100)
+    assert [r.kind for r in rows] == ["text", "edit", "edit", "attachment", "delete", "delete"]
+    assert all(r.body is None for r in rows), [(r.kind, r.body) for r in rows]
+    assert all("secret" not in str(r.frame()) for r in rows)
+    assert rows[3].attachment is None and rows[3].deleted
+    now = (await attachments.get([rec.id]))[rec.id]
+    assert now.state == "deleted" and now.message_id == att.message_id
+    assert [r.id for r in await attachments.deleted()] == [rec.id]
+    await attachments.removed([rec.id])
+    assert await attachments.deleted() == []
+
+
+def attachment(chat: str, client: str = "a-1", expires_at: str = "2030-01-01T00:00:00.000Z"
+               ) -> AttachmentRecord:
+    aid = f"att-{chat[:8]}-{client}"
+    return AttachmentRecord(id=aid, chat_id=chat, uploader="alice", client_id=client,
+                            object_key=f"{chat}/{aid}/cat.png", file_name="cat.png",
+                            content_type="image/png", size=10, state="pending",
+                            upload_token="token", expires_at=expires_at)
+
+
+async def test_claims_are_exclusive_and_only_the_holder_finishes(db_pool: asyncpg.Pool) -> None:
+    store, attachments = PostgresStore(db_pool), PostgresAttachments(db_pool)
+    chat = await store.create_chat("alice", ["bob"], None)
+    rec = attachment(chat)
+    ((created, dup),) = await attachments.create([rec])
+    assert not dup and created.state == "pending"
+    got = await asyncio.gather(*(attachments.claim(rec.id, 60) for _ in range(8)))
+    winners = [g for g in got if g is not None]
+    assert len(winners) == 1 and winners[0].state == "verifying"
+    claim = winners[0].claim
+    assert claim is not None
+    assert not await attachments.finish(rec.id, "someone-else", "ready")
+    assert await attachments.release(rec.id, claim)
+    assert not await attachments.release(rec.id, claim)  # released once
+    again = await attachments.claim(rec.id, 60)
+    assert again is not None and again.claim not in (None, claim)
+    assert not await attachments.finish(rec.id, claim, "ready")  # the old claim is void
+    # A claim older than the lease is presumed dead and may be taken over.
+    await db_pool.execute("UPDATE attachments SET claimed_at = now() - interval '2 minutes'"
+                          " WHERE id = $1", rec.id)
+    taken = await attachments.claim(rec.id, 60)
+    assert taken is not None and taken.claim != again.claim
+    assert await attachments.finish(rec.id, taken.claim or "", "rejected", "too big")
+    assert await attachments.claim(rec.id, 0) is None  # finished for good
+
+
+async def test_expiry_takes_only_unclaimed_records_past_the_grace(db_pool: asyncpg.Pool) -> None:
+    store, attachments = PostgresStore(db_pool), PostgresAttachments(db_pool)
+    chat = await store.create_chat("alice", ["bob"], None)
+    past = "2020-01-01T00:00:00.000Z"
+    never = attachment(chat, "never", past)
+    checking = attachment(chat, "checking", past)
+    recent = attachment(chat, "recent", "2030-01-01T00:00:00.000Z")
+    await attachments.create([never, checking, recent])
+    held = await attachments.claim(checking.id, 300)
+    assert held is not None
+    await db_pool.execute("UPDATE attachments SET expires_at = now() - interval '30 seconds'"
+                          " WHERE id = $1", recent.id)
+    expired = await attachments.expire(grace_s=60, lease_s=300)
+    assert [r.id for r in expired] == [never.id]  # recent is within the grace, checking is held
+    assert await attachments.claim(never.id, 60) is None  # an upload event after expiry
+    state = {r.id: r.state for r in (await attachments.get(
+        [never.id, checking.id, recent.id])).values()}
+    assert state == {never.id: "expired", checking.id: "verifying", recent.id: "pending"}
+    assert await attachments.finish(checking.id, held.claim or "", "ready")
+    # A check that died (claim older than the lease) does not keep its record forever.
+    dead = attachment(chat, "dead", past)
+    await attachments.create([dead])
+    assert await attachments.claim(dead.id, 300) is not None
+    await db_pool.execute("UPDATE attachments SET claimed_at = now() - interval '1 hour'"
+                          " WHERE id = $1", dead.id)
+    assert [r.id for r in await attachments.expire(grace_s=60, lease_s=300)] == [dead.id]

@@ -12,6 +12,9 @@ from stages.sniff import matches, sniff
     (b"%PDF-1.7\n", "application/pdf"),
     (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "image/webp"),
     (b"\x00\x00\x00\x18ftypmp42", "video/mp4"),
+    (b"ID3\x04\x00", "audio/mpeg"),
+    (b"\xff\xfb\x90\x64", "audio/mpeg"),
+    (b"PK\x05\x06" + bytes(18), "application/zip"),
     (b"MZ\x90\x00", "application/x-msdownload"),
     ("привет, мир".encode(), "text/plain"),
     (b"\x00\x01\x02\x03", None),
@@ -24,4 +27,19 @@ def test_declared_type_must_agree_with_the_bytes() -> None:
     assert matches("image/png", b"\x89PNG\r\n\x1a\nxx") == (True, "image/png")
     assert matches("image/png", b"MZ\x90\x00") == (False, "application/x-msdownload")
     assert matches("text/plain", b"\x00\x01\x02") == (False, None)
-    assert matches("application/zip", b"\x00\x01\x02") == (True, None)  # nothing contradicts
+    assert matches("application/zip", b"PK\x03\x04\x14\x00") == (True, "application/zip")
+
+
+@pytest.mark.parametrize("declared", [
+    "image/png", "image/jpeg", "image/gif", "image/webp", "application/pdf",
+    "application/zip", "audio/mpeg", "video/mp4",
+])
+def test_a_type_with_a_known_signature_needs_it(declared: str) -> None:
+    # Zeros carry no signature at all: nothing contradicts them, and nothing confirms them.
+    assert matches(declared, bytes(100)) == (False, None)
+
+
+def test_a_type_without_a_known_signature_passes_only_when_nothing_contradicts_it() -> None:
+    assert matches("application/octet-stream", bytes(100)) == (True, None)
+    assert matches("application/octet-stream", b"MZ\x90\x00") == (False,
+                                                                 "application/x-msdownload")
