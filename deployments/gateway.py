@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from adapters.auth import AuthError, JwtVerifier
 from adapters.objects import LocalObjectStore
-from cluster.telemetry import MetricsAnalytics, MetricsPusher, Recorder
+from cluster.telemetry import MetricsAnalytics, MetricsPusher, Recorder, labels
 from deployments.connection import Connection, guarded
 from deployments.drain import watch_drain
 from deployments.http import ApiError, authenticate, error_response, json_response, token_of
@@ -75,6 +75,8 @@ class GatewayAcks:
                 if key in env.meta:
                     frame[key] = env.meta[key]
             frame.update(env.meta.get("ack", {}))
+            # A batch dropped after this point must not contradict the ack.
+            env.meta["acked"] = True
             conn.send(frame)
             self.gateway.metrics.recorder.inc("conveyor_acks_total", type=env.type,
                                               status=frame["status"])
@@ -136,11 +138,14 @@ class Gateway:
                 capacity=self.settings.inbound_buffer,
                 wait_ms=self.settings.batch_wait_ms,
                 max_batch=self.settings.batch_max,
-                on_drop=self._dropped,
+                on_drop=self._stage_dropped,
                 on_retry=lambda t: self.metrics.recorder.inc("conveyor_stage_retries_total", type=t),
                 on_batch=lambda t, n: self.metrics.recorder.observe("conveyor_batch_size", n, type=t),
             )
         self.dropped: dict[tuple[str, str], int] = {}
+        # Connections whose hub attach failed (a hub shard restarting): the pull loop of
+        # their shard attaches them once the shard answers again.
+        self._unattached: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
 
@@ -188,7 +193,9 @@ class Gateway:
             principal = await self.verifier.verify(token_of(ws, allow_query=True))
         except AuthError as exc:
             await ws.accept()
-            await ws.close(code=4401, reason=exc.message[:120])
+            # 4401: the client's token is bad. 1011: the server could not check it (the
+            # issuer's keys are unreachable); the client should retry, not re-authenticate.
+            await ws.close(code=1011 if exc.status >= 500 else 4401, reason=exc.message[:120])
             return
         await ws.accept()
         conn = Connection(
@@ -196,15 +203,22 @@ class Gateway:
             queue_size=self.settings.connection_queue,
             implicit_receipt=self._implicit_receipt,
             on_write=self._counted_write,
+            on_drop=lambda frame_type, reason: self._count_drop(frame_type, "socket", reason),
         )
+        # ``connected`` is queued first, before the connection can be found by deliveries,
+        # so it is always the first frame a client reads (PROTOCOL.md).
+        conn.send({"type": "system", "event": "connected",
+                   "data": {"userId": conn.user_id, "connectionId": conn.id,
+                            "gateway": self.replica_id}})
         self.connections[conn.id] = conn
         self.by_user.setdefault(conn.user_id, set()).add(conn)
         try:
-            for who in await self.hub.attach(self.replica_id, [(conn.id, conn.user_id)]):
+            came = await guarded(self.hub.attach(self.replica_id, [(conn.id, conn.user_id)]),
+                                 "hub attach")
+            if came is None:
+                self._unattached.add(conn.id)
+            for who in came or ():
                 self._presence(who, True)
-            conn.send({"type": "system", "event": "connected",
-                       "data": {"userId": conn.user_id, "connectionId": conn.id,
-                                "gateway": self.replica_id}})
             conn.init_chats(await self.store.pointers(conn.user_id))
             conn.start()
             await self._read_loop(conn)
@@ -212,6 +226,7 @@ class Gateway:
             pass
         finally:
             self.connections.pop(conn.id, None)
+            self._unattached.discard(conn.id)
             peers = self.by_user.get(conn.user_id)
             if peers is not None:
                 peers.discard(conn)
@@ -266,9 +281,10 @@ class Gateway:
             batcher = None
         if batcher is None and ftype not in LOCAL_TYPES:
             raise FrameError("unknown_type", f"unknown frame type {ftype!r}", frame_id)
-        if ftype != "receipt" and (frame_id is None or not 0 < len(frame_id) <= MAX_CLIENT_ID):
-            raise FrameError("invalid", f"'id' must be a string of 1..{MAX_CLIENT_ID} characters",
-                             frame_id)
+        if ftype != "receipt" and (frame_id is None or not 0 < len(frame_id) <= MAX_CLIENT_ID
+                                   or frame_id.startswith("attachment:")):  # server's dedup keys
+            raise FrameError("invalid", f"'id' must be a string of 1..{MAX_CLIENT_ID} characters"
+                             " not starting with 'attachment:'", frame_id)
         if ftype == "sync":
             await self._sync(conn, frame)
             return
@@ -276,7 +292,8 @@ class Gateway:
         meta: dict[str, Any] = {"cost": self.costs[ftype]}
         if ftype == "receipt" and isinstance(frame.get("messageIds"), list):
             meta["latencies"] = conn.on_receipt(
-                [m for m in frame["messageIds"] if isinstance(m, str)])
+                [m for m in frame["messageIds"] if isinstance(m, str)],
+                "read" if frame.get("status") == "read" else "delivered")
         fields = {k: v for k, v in frame.items() if k not in ("type", "id")}
         env = Envelope(type=ftype, id=frame_id or "", sender=conn.user_id, connection=conn.id,
                        gateway=self.replica_id, fields=fields, meta=meta)
@@ -284,17 +301,21 @@ class Gateway:
         if batcher.spec.overflow == "drop":
             if not batcher.offer(env):
                 self._dropped(env, "buffer_full")
+                self.metrics.recorder.inc("conveyor_acks_total", type=ftype, status="rejected")
                 conn.send({"type": "ack", "id": env.id, "status": "rejected",
                            "error": {"code": "overloaded",
                                      "message": f"{ftype} dropped: the server is overloaded"}})
             return
-        if not batcher.offer(env):
-            # Durable: never dropped. Tell the client once, then stop reading this socket
-            # until the buffer has room.
-            self.metrics.recorder.inc("conveyor_overload_total", type=ftype)
+        if batcher.offer(env):
+            conn.overload_eased(ftype, batcher.depth, batcher.capacity)
+            return
+        # Durable: never dropped. Stop reading this socket until the buffer has room, and
+        # tell the client once per overload episode (not once per frame that waits).
+        self.metrics.recorder.inc("conveyor_overload_total", type=ftype)
+        if conn.overload_started(ftype):
             conn.send({"type": "system", "event": "overload",
                        "data": {"type": ftype, "buffered": batcher.depth}})
-            await batcher.put(env)
+        await batcher.put(env)
 
     async def _sync(self, conn: Connection, frame: dict[str, Any]) -> None:
         chat_id = frame.get("chatId")
@@ -310,13 +331,14 @@ class Gateway:
         conn.send({"type": "sync", "id": frame["id"], "chatId": chat_id,
                    "messages": messages, "hasMore": has_more})
 
-    def _presence(self, user_id: str, online: bool) -> None:
+    def _presence(self, user_id: str, online: bool, last_seen: float | None = None) -> None:
         batcher = self.batchers.get("presence")
         if batcher is None:
             return
+        seen = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last_seen))
+                if last_seen is not None else rfc3339_now())
         env = Envelope(type="presence", id=f"p-{time.time_ns()}", sender=user_id,
-                       gateway=self.replica_id,
-                       fields={"online": online, "lastSeen": rfc3339_now()})
+                       gateway=self.replica_id, fields={"online": online, "lastSeen": seen})
         if not batcher.offer(env):
             self._dropped(env, "buffer_full")
 
@@ -349,11 +371,28 @@ class Gateway:
                 conn.send({"type": "ack", "id": env.id, "status": "rejected", "error": error})
 
     def _dropped(self, env: Envelope, reason: str, stage: str = "gateway") -> None:
-        key = (env.type, reason)
-        self.dropped[key] = self.dropped.get(key, 0) + 1
-        self.metrics.recorder.inc("conveyor_dropped_total", type=env.type, stage=stage,
-                                  reason=reason)
+        self._count_drop(env.type, stage, reason)
         log.info("dropped %s from %s at %s: %s", env.type, env.sender, stage, reason)
+
+    def _count_drop(self, type_name: str, stage: str, reason: str) -> None:
+        key = (type_name, reason)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+        self.metrics.recorder.inc("conveyor_dropped_total", type=type_name, stage=stage,
+                                  reason=reason)
+
+    def _stage_dropped(self, env: Envelope, reason: str, host: str) -> None:
+        """A droppable batch a stage host refused or failed: counted against that host,
+        and a client frame not acked yet is acked ``rejected``/``overloaded``, as when
+        the buffer is full."""
+        self._dropped(env, reason, stage=host)
+        spec = self.batchers[env.type].spec
+        conn = self.connections.get(env.connection or "")
+        if conn is None or not spec.client or env.meta.get("acked"):
+            return
+        self.metrics.recorder.inc("conveyor_acks_total", type=env.type, status="rejected")
+        conn.send({"type": "ack", "id": env.id, "status": "rejected",
+                   "error": {"code": "overloaded",
+                             "message": f"{env.type} dropped: the server is overloaded"}})
 
     def _counted_write(self, frame_type: str) -> None:
         self.metrics.recorder.inc("conveyor_messages_out_total", type=frame_type)
@@ -379,14 +418,29 @@ class Gateway:
                 continue
             if got is None:
                 # The hub does not know us (restarted, or we were reaped): attach again.
-                conns = [(c.id, c.user_id) for c in self.connections.values()
+                # Users it did not know are online again for their contacts.
+                conns = [c for c in self.connections.values()
                          if self.hub.shard(c.user_id) == shard]
-                await guarded(actor.attach.remote(self.replica_id, conns), "hub re-attach")
+                came = await guarded(actor.attach.remote(
+                    self.replica_id, [(c.id, c.user_id) for c in conns]), "hub re-attach")
+                if came is not None:
+                    self._unattached.difference_update(c.id for c in conns)
+                for who in came or ():
+                    self._presence(who, True)
                 await self._resync(shard)
                 continue
+            if self._unattached:
+                await self._attach_pending(shard)
             for users, frame in got:
                 if frame.get("type") == "_resync":
                     await self._resync(shard)
+                    continue
+                if frame.get("type") == "_offline":
+                    # Users of a gateway replica the hub presumed dead: their contacts
+                    # hear it from whichever replica pulled first.
+                    seen = frame.get("lastSeen", {})
+                    for user in users:
+                        self._presence(user, False, seen.get(user))
                     continue
                 if frame.get("type") in ORDERED_FRAMES:
                     origin = frame.get("_origin")
@@ -399,9 +453,26 @@ class Gateway:
                         for conn in self.by_user.get(user, ()):
                             conn.send(frame)
 
-    async def _resync(self, shard: int) -> None:
+    async def _attach_pending(self, shard: int) -> None:
+        """Attach sockets whose attach failed at connect, now that this shard answers."""
+        conns = [c for cid in list(self._unattached)
+                 if (c := self.connections.get(cid)) is not None
+                 and self.hub.shard(c.user_id) == shard]
+        if not conns:
+            return
+        came = await guarded(self.hub.actors[shard].attach.remote(
+            self.replica_id, [(c.id, c.user_id) for c in conns]), "hub attach (pending)")
+        if came is None:
+            return
+        self._unattached.difference_update(c.id for c in conns)
+        for who in came:
+            self._presence(who, True)
+        await self._resync(shard, conns)  # what was published for them meanwhile
+
+    async def _resync(self, shard: int, only: list[Connection] | None = None) -> None:
         """Frames from this hub shard may have been lost: re-read from the store."""
-        conns = [c for c in self.connections.values() if self.hub.shard(c.user_id) == shard]
+        conns = only if only is not None else [
+            c for c in self.connections.values() if self.hub.shard(c.user_id) == shard]
         log.info("resync of %d connections after a hub restart or shed frames", len(conns))
         for conn in conns:
             pointers = await guarded(self.store.pointers(conn.user_id), "resync pointers")
@@ -500,6 +571,15 @@ class Gateway:
             hubs = await asyncio.wait_for(self.hub.stats(), 5.0)
             live[("conveyor_users_online", ())] = sum(h["users_online"] for h in hubs)
             live[("conveyor_hub_mailbox_depth", ())] = sum(h["mailbox_depth"] for h in hubs)
+            # Frames a hub shed from a full mailbox: counted in the hub, read now (a hub
+            # restart resets them, which Prometheus reads as a counter reset).
+            shed: dict[str, float] = {}
+            for h in hubs:
+                for frame_type, n in h.get("shed_by_type", {}).items():
+                    shed[frame_type] = shed.get(frame_type, 0) + n
+            for frame_type, n in shed.items():
+                live[("conveyor_dropped_total", labels(type=frame_type, stage="hub",
+                                                       reason="mailbox_full"))] = n
         except Exception as exc:
             log.warning("metrics: hub stats unavailable: %r", exc)
         try:
@@ -523,9 +603,8 @@ class Gateway:
             env = o.envelope
             item: dict[str, Any] = {"attachmentId": env.fields["attachmentId"]}
             if o.verdict is Verdict.REJECT:
-                item.update(state=env.meta.get("attachmentState", "pending")
-                            if o.code == "not_uploaded" else
-                            ("pending" if o.code == "not_found" else "rejected"),
+                item.update(state=env.meta.get("attachmentState",
+                                               "pending" if o.code == "not_found" else "rejected"),
                             error={"code": o.code, "message": o.message})
             else:
                 item.update(state=env.meta.get("attachmentState", "ready"),
@@ -573,10 +652,18 @@ class Gateway:
             rec = recs.get(aid)
             if rec is None or rec.uploader != principal.user_id:
                 raise ApiError(404, "not_found", "no such attachment")
+            token = request.headers.get("x-upload-token", "")
+            if not hmac.compare_digest(token.encode(), rec.upload_token.encode()):
+                raise ApiError(403, "forbidden", "the X-Upload-Token header must carry the "
+                                                 "uploadToken of the attachment's ack")
             (result,) = await self._uploaded([(aid, principal.user_id)])
             error = result.get("error")
             if error is not None:
-                status = {"not_uploaded": 409, "not_found": 404}.get(error["code"], 422)
+                # 409: not uploaded yet / being checked (retry later); 410: too late;
+                # 503: the virus scan could not run (retry later); 422: the file is refused.
+                status = {"not_uploaded": 409, "in_progress": 409, "conflict": 409,
+                          "not_found": 404, "expired": 410, "deleted": 410,
+                          "scan_failed": 503}.get(error["code"], 422)
                 return json_response(result, status)
             return json_response(result)
         except ApiError as exc:
@@ -591,10 +678,15 @@ class Gateway:
             members = await self.store.members([rec.chat_id]) if rec else {}
             if rec is None or principal.user_id not in members.get(rec.chat_id, ()):
                 raise ApiError(404, "not_found", "no such attachment")
+            if rec.state in ("deleted", "expired"):
+                raise ApiError(410, "gone", f"attachment is {rec.state}")
             if rec.state != "ready":
                 raise ApiError(409, "not_ready", f"attachment is {rec.state}")
-            url = await self.services.objects.download_url(rec.object_key, 300)
-            return Response(status_code=307, headers={"Location": url})
+            from stages.attachments import ready_key  # the checked copy, never the upload
+
+            url = await self.services.objects.download_url(ready_key(rec), 300, rec.file_name)
+            return Response(status_code=307, headers={"Location": url,
+                                                      "Cache-Control": "private, no-store"})
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message)
 
@@ -616,16 +708,20 @@ class Gateway:
 
     async def local_upload(self, request: Request) -> Response:
         """The embedded object store's upload endpoint; on success it reports the upload
-        itself, as a bucket notification would."""
+        itself, as a bucket notification would. Only a pending attachment takes bytes: once
+        it is being checked, or done, its upload URL is refused."""
         try:
             objects, key, _, size = self._local_objects(request)
+            att = await self.services.attachments.by_key(key)
+            if att is None or att.state != "pending":
+                raise ApiError(409, "conflict", "this upload URL takes no more uploads (the "
+                               f"attachment is {att.state if att else 'unknown'})")
             try:
                 await objects.write(key, request.stream(),
                                     request.headers.get("content-type"), limit=size)
             except ValueError as exc:
                 raise ApiError(413, "too_large", str(exc)) from None
-            att = await self.services.attachments.by_key(key)
-            results = await self._uploaded([(att.id, att.uploader)]) if att else []
+            results = await self._uploaded([(att.id, att.uploader)])
             return json_response({"stored": True, "results": results})
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message)
@@ -636,7 +732,12 @@ class Gateway:
             info = await objects.stat(key)
             if info is None:
                 raise ApiError(404, "not_found", "no such object")
-            return FileResponse(objects.path(key), media_type=info.content_type)
+            # Served from the app's own origin: always a download, never rendered.
+            return FileResponse(
+                objects.path(key), media_type=info.content_type or "application/octet-stream",
+                filename=key.rsplit("/", 1)[-1], content_disposition_type="attachment",
+                headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, no-store",
+                         "Content-Security-Policy": "sandbox; default-src 'none'"})
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message)
 

@@ -46,7 +46,12 @@ class Settings(BaseSettings):
     jwt_client_id: str = Field(default="conveyor", description=(
         "Client whose roles are read from resource_access.<client>.roles."))
     jwt_leeway_s: float = 10.0
-    jwks_cache_s: float = 300.0
+    jwks_cache_s: float = Field(default=300.0, description=(
+        "JWKS keys are refreshed (in the background) when older than this."))
+    jwks_min_refetch_s: float = Field(default=10.0, description=(
+        "Least time between JWKS fetches: for an unknown kid, and after a failed fetch "
+        "(doubling while fetches keep failing, up to jwks_cache_s)."))
+    jwks_timeout_s: float = Field(default=5.0, description="Timeout of one JWKS fetch.")
     notifications_role: str | None = Field(default="notifications:send", description=(
         "Role required for POST /v1/notifications; unset: any valid token."))
     dev_token_ttl_s: int = 24 * 3600
@@ -65,7 +70,9 @@ class Settings(BaseSettings):
         "First redelivery after this long without a receipt; doubles each time."))
     redelivery_max_s: float = 60.0
     hub_shards: int = Field(default=1, description="Connection hub actors (users are hashed).")
-    hub_pull_wait_s: float = 1.0
+    hub_pull_wait_s: float = Field(default=1.0, description=(
+        "Longest wait of one hub mailbox long-poll: a pull returns as soon as there is "
+        "something to deliver, so an idle gateway makes one call per wait per shard."))
     gateway_ttl_s: float = Field(default=15.0, description=(
         "A gateway replica that has not pulled from the hub for this long is considered dead; "
         "its connections are dropped from presence."))
@@ -81,8 +88,9 @@ class Settings(BaseSettings):
     credit_interval_s: float = Field(default=10.0, description="Refill interval.")
     credit_costs: dict[str, int] = Field(default_factory=dict, description=(
         "Cost per message type, overriding pipelines.yaml (e.g. {\"chat\": 1, \"signal\": 0})."))
-    credit_shards: int = 1
-    dedup_shards: int = 1
+    credit_shards: int = Field(default=1, description="Credit bank actors (users are hashed).")
+    dedup_shards: int = Field(default=1, description=(
+        "Signal dedup window actors (keys are hashed)."))
     signal_dedup_ttl_s: float = Field(default=60.0, description="How long a signal id is remembered.")
     metrics_push_s: float = Field(default=2.0, description="How often processes push metrics.")
     stage_call_timeout_s: float = Field(default=30.0, description=(
@@ -105,6 +113,16 @@ class Settings(BaseSettings):
         "text/plain", "video/mp4", "audio/mpeg", "application/zip"],
         description="Content types accepted for attachments.")
     attachment_upload_ttl_s: int = Field(default=900, description="Upload URL lifetime.")
+    attachment_expiry_grace_s: float = Field(default=120.0, description=(
+        "A pending attachment is expired only this long after its upload URL expired, so an "
+        "upload that finished in time is not lost to a late storage event."))
+    attachment_claim_lease_s: float = Field(default=300.0, description=(
+        "How long the check of one upload (copy, sniff, virus scan) may hold the attachment; "
+        "after that a repeated event may take it over (its processing is presumed dead)."))
+    clamd_timeout_s: float = Field(default=20.0, description=(
+        "Longest a ClamAV scan of one file may take before it counts as failed (the "
+        "attachment then stays pending and can be completed again); keep it under "
+        "stage_call_timeout_s."))
     storage_webhook_secret: str | None = Field(default=None, description=(
         "Bearer secret the storage's bucket-notification webhook must send; unset: the "
         "webhook endpoint refuses everything."))
@@ -133,7 +151,11 @@ class Settings(BaseSettings):
     bitrix_timeout_s: float = 10.0
     notification_flush_interval_s: float = Field(default=5.0, description=(
         "Queued (isImmediate=false) notifications are sent in batches this often."))
-    notification_batch_size: int = 100
+    notification_batch_size: int = Field(default=100, description=(
+        "Most notifications one dispatch round claims (the feedback loop may lower it)."))
+    notification_round_target_s: float = Field(default=10.0, description=(
+        "A dispatch round slower than this slows its loop down (smaller batches, longer "
+        "intervals), as failing channels do; it recovers by itself."))
     notification_max_attempts: int = 5
     notification_retry_base_s: float = 1.0
     notification_retry_max_s: float = 60.0
@@ -144,6 +166,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=10.0, description="HTTP requests over this get 504.")
     max_request_bytes: int = 1024 * 1024
     idempotency_ttl_s: int = 24 * 3600
+    idempotency_purge_interval_s: float = Field(default=300.0, description=(
+        "How often the dispatcher removes expired idempotency keys."))
+    notification_max_contacts: int = Field(default=20, ge=1, description=(
+        "Most contacts in one notification (more: `too_big` on `contacts`)."))
+    notification_max_message_chars: int = Field(default=10_000, ge=1, description=(
+        "Longest notification message (longer: `too_big` on `message`)."))
 
     # --- derived ------------------------------------------------------------------------
     @property

@@ -72,6 +72,17 @@ def s3() -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def clamd() -> Iterator[Any]:
+    """A fake ClamAV daemon speaking clamd's wire protocol (tests/fake_clamd.py), on a free
+    port in a thread of its own; finds the EICAR test string."""
+    from tests.fake_clamd import ThreadedFakeClamd
+
+    server = ThreadedFakeClamd().start()
+    yield server
+    server.stop()
+
+
 WEBHOOK_SECRET = "test-webhook-secret"
 
 
@@ -106,12 +117,19 @@ E2E_SETTINGS: dict[str, Any] = {
     "metrics_push_s": 0.5,
     # Small buffers so the overload test can overflow them on two cores.
     "inbound_buffer": 64,
+    # Two shards of every actor kind, so routing across shards is exercised.
+    "hub_shards": 2,
+    "credit_shards": 2,
+    "dedup_shards": 2,
 }
+# The stage host's Serve options: bounded as in config.yaml (a full queue is refused).
+E2E_STAGE_OPTIONS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0.1},
+                                     "max_ongoing_requests": 16, "max_queued_requests": 128}
 
 
 @pytest.fixture(scope="session")
-def conveyor(new_database: Any, tmp_path_factory: pytest.TempPathFactory, s3: str
-             ) -> Iterator[App]:
+def conveyor(new_database: Any, tmp_path_factory: pytest.TempPathFactory, s3: str,
+             clamd: Any) -> Iterator[App]:
     """The whole application on Ray Serve; shared by every e2e test of the session."""
     import ray
     from ray import serve
@@ -124,12 +142,13 @@ def conveyor(new_database: Any, tmp_path_factory: pytest.TempPathFactory, s3: st
     settings = {**E2E_SETTINGS, "data_dir": str(data_dir), "database_url": dsn,
                 "mail_dir": str(data_dir / "mail"), "s3_endpoint": s3,
                 "s3_access_key": "test", "s3_secret_key": "test-secret",
-                "storage_webhook_secret": WEBHOOK_SECRET}
+                "storage_webhook_secret": WEBHOOK_SECRET, "clamd_address": clamd.address}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cpu = {"ray_actor_options": {"num_cpus": 0.1}}
     serve.run(
-        build_graph(dict(settings), options={"Gateway": {"num_replicas": 2, **cpu}, "stages": cpu}),
+        build_graph(dict(settings), options={"Gateway": {"num_replicas": 2, **cpu},
+                                             "stages": E2E_STAGE_OPTIONS}),
         name="conveyor", route_prefix="/",
     )
     yield App(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/ws", dsn, data_dir, settings)
