@@ -84,10 +84,12 @@ async def ack_latency(a: WsClient, chat: str, n: int = 15) -> float:
 
 
 async def test_overload_loses_no_durable_message_and_recovers(conveyor: App, app_db: Any) -> None:
-    """Drive chat and signals far past a small inbound buffer (64 per type and replica)."""
-    pairs = 8
+    """Drive chat and signals far past a small inbound buffer (64 per type and replica):
+    24 senders pipelining 90 messages each at once (about 2,000 messages, several times
+    what the two-core test cluster drains per second), with signals on top."""
+    pairs = 24
     per_sender = 90  # under the credit capacity: only overload is in play
-    signalers = 8
+    signalers = 12
     per_signaler = 95
     probe_user, probe_peer = user(), user()
     probe_chat = await create_chat(conveyor.base_url, conveyor.token(probe_user), [probe_peer])
@@ -95,13 +97,18 @@ async def test_overload_loses_no_durable_message_and_recovers(conveyor: App, app
     idle_before = await ack_latency(probe, probe_chat)
     metrics_before = await scrape(conveyor)
 
-    senders, receivers, chats = [], [], []
-    for _ in range(pairs):
+    async def make_pair() -> tuple[str, WsClient, WsClient]:
         s, r = user(), user()
-        chats.append(await create_chat(conveyor.base_url, conveyor.token(s), [r]))
-        senders.append(await WsClient.connect(conveyor.ws_url, conveyor.token(s)))
-        receivers.append(await WsClient.connect(conveyor.ws_url, conveyor.token(r)))
-    sig = [await WsClient.connect(conveyor.ws_url, conveyor.token(user())) for _ in range(signalers)]
+        chat = await create_chat(conveyor.base_url, conveyor.token(s), [r])
+        return (chat, await WsClient.connect(conveyor.ws_url, conveyor.token(s)),
+                await WsClient.connect(conveyor.ws_url, conveyor.token(r)))
+
+    made = await asyncio.gather(*(make_pair() for _ in range(pairs)))
+    chats = [m[0] for m in made]
+    senders = [m[1] for m in made]
+    receivers = [m[2] for m in made]
+    sig = await asyncio.gather(*(WsClient.connect(conveyor.ws_url, conveyor.token(user()))
+                                 for _ in range(signalers)))
 
     async def blast_chat(c: WsClient, chat: str) -> list[dict[str, Any]]:
         ids = [f"o{i}" for i in range(per_sender)]
@@ -187,5 +194,4 @@ async def test_overload_loses_no_durable_message_and_recovers(conveyor: App, app
     # Drops only ever hit droppable types.
     assert set(dropped) <= {"signal", "presence"}, dropped
     assert idle_after <= bound, (idle_before, idle_after)
-    for c in (*senders, *receivers, *sig, probe):
-        await c.close()
+    await asyncio.gather(*(c.close() for c in (*senders, *receivers, *sig, probe)))
