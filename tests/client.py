@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
 import websockets
 
+if TYPE_CHECKING:
+    from tests.conftest import App
+
 _ids = itertools.count(1)
+
+
+def user(prefix: str = "u") -> str:
+    """A fresh, unique user id."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 class WsClient:
@@ -84,3 +93,15 @@ async def create_chat(base_url: str, token: str, members: list[str], title: str 
                             headers={"Authorization": f"Bearer {token}"})
         r.raise_for_status()
         return str(r.json()["chatId"])
+
+
+async def chat_of_two(app: App) -> tuple[str, str, str, WsClient, WsClient]:
+    """Two fresh users, a chat Alice creates with Bob, and both connected (Alice first).
+
+    Returns ``(chat, alice, bob, alice_client, bob_client)``; the caller closes the clients.
+    """
+    alice, bob = user(), user()
+    chat = await create_chat(app.base_url, app.token(alice), [bob])
+    a = await WsClient.connect(app.ws_url, app.token(alice))
+    b = await WsClient.connect(app.ws_url, app.token(bob))
+    return chat, alice, bob, a, b

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 import ray
 
-from tests.client import WsClient, create_chat
+from tests.client import WsClient, create_chat, user
 from tests.conftest import App
 from tests.e2e.test_metrics_overload import scrape, total
 
 pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]
-
-
-def user() -> str:
-    return f"u-{uuid.uuid4().hex[:8]}"
 
 
 def kill_all(kind: str, shards: int) -> None:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from adapters.objects import S3ObjectStore
-from tests.client import WsClient, create_chat
+from tests.client import WsClient, chat_of_two, create_chat, user
 from tests.conftest import WEBHOOK_SECRET, App
 from tests.fake_clamd import EICAR
 
@@ -20,10 +20,6 @@ pytestmark = pytest.mark.e2e
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(200)
 HTML = b"<html><script>alert(document.cookie)</script>".ljust(len(PNG), b" ")
-
-
-def user() -> str:
-    return f"u-{uuid.uuid4().hex[:8]}"
 
 
 def minio_event(key: str, size: int, name: str = "s3:ObjectCreated:Put") -> dict[str, Any]:
@@ -100,10 +96,7 @@ def rejected(aid: str) -> Any:
 async def test_attachment_round_trip_through_s3_and_the_storage_webhook(
     conveyor: App, app_db: Any
 ) -> None:
-    alice, bob = user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
-    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    chat, _, bob, a, b = await chat_of_two(conveyor)
     ack = await start_upload(a, chat, "cat.png", "image/png", len(PNG))
     assert ack["status"] == "accepted" and ack["uploadUrl"].startswith("http://127.0.0.1")
     assert ack["attachmentId"] and ack["uploadToken"] and ack["expiresAt"]
@@ -144,10 +137,7 @@ async def test_attachment_round_trip_through_s3_and_the_storage_webhook(
 
 async def test_a_checked_file_cannot_be_swapped_after_it_passed(conveyor: App, app_db: Any
                                                                 ) -> None:
-    alice, bob = user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
-    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    chat, alice, bob, a, b = await chat_of_two(conveyor)
     ack = await start_upload(a, chat, "cat.png", "image/png", len(PNG))
     assert await put(ack["uploadUrl"], PNG, "image/png") == 200
     async with httpx.AsyncClient(base_url=conveyor.base_url, headers=conveyor.auth(alice)) as http:
@@ -171,10 +161,7 @@ async def test_a_checked_file_cannot_be_swapped_after_it_passed(conveyor: App, a
 
 
 async def test_complete_endpoint_and_refusals(conveyor: App, app_db: Any) -> None:
-    alice, bob = user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
-    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    chat, alice, bob, a, b = await chat_of_two(conveyor)
     s3 = bucket(conveyor)
     async with httpx.AsyncClient(base_url=conveyor.base_url, headers=conveyor.auth(alice)) as http:
         # Not uploaded yet: 409, and the attachment stays pending.
@@ -238,10 +225,7 @@ async def test_complete_endpoint_and_refusals(conveyor: App, app_db: Any) -> Non
 
 
 async def test_clamav_refuses_an_infected_file(conveyor: App, app_db: Any, clamd: Any) -> None:
-    alice, bob = user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
-    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    chat, alice, _, a, b = await chat_of_two(conveyor)
     scans_before = len(clamd.clamd.scans)
     ack = await start_upload(a, chat, "readme.txt", "text/plain", len(EICAR))
     assert await put(ack["uploadUrl"], EICAR, "text/plain") == 200
@@ -356,10 +340,7 @@ def local_app(conveyor: App, new_database: Any) -> Iterator[App]:
 
 
 async def test_local_store_upload_download_and_refusals(local_app: App) -> None:
-    alice, bob = user(), user()
-    chat = await create_chat(local_app.base_url, local_app.token(alice), [bob])
-    a = await WsClient.connect(local_app.ws_url, local_app.token(alice))
-    b = await WsClient.connect(local_app.ws_url, local_app.token(bob))
+    chat, _, bob, a, b = await chat_of_two(local_app)
     ack = await start_upload(a, chat, "cat.png", "image/png", len(PNG))
     assert ack["uploadUrl"].startswith(f"{local_app.base_url}/v1/uploads/")
     async with httpx.AsyncClient() as http:

@@ -10,14 +10,10 @@ import httpx
 import pytest
 import websockets
 
-from tests.client import WsClient, create_chat
+from tests.client import WsClient, chat_of_two, create_chat, user
 from tests.conftest import App
 
 pytestmark = pytest.mark.e2e
-
-
-def user() -> str:
-    return f"u-{uuid.uuid4().hex[:8]}"
 
 
 async def connect(app: App, who: str) -> WsClient:
@@ -25,9 +21,7 @@ async def connect(app: App, who: str) -> WsClient:
 
 
 async def test_message_is_acked_delivered_and_receipted(conveyor: App, app_db: Any) -> None:
-    alice, bob = user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a, b = await connect(conveyor, alice), await connect(conveyor, bob)
+    chat, alice, bob, a, b = await chat_of_two(conveyor)
     cid = await a.chat(chat, "hello bob")
     ack = await a.ack(cid)
     assert ack["status"] == "accepted" and ack["chatId"] == chat and ack["seq"] == 1
@@ -70,9 +64,7 @@ async def test_sender_and_recipient_on_different_gateway_replicas(conveyor: App)
 
 
 async def test_unreceipted_message_is_redelivered_while_connected(conveyor: App) -> None:
-    alice, bob = user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a, b = await connect(conveyor, alice), await connect(conveyor, bob)
+    chat, _, _, a, b = await chat_of_two(conveyor)
     ack = await a.ack(await a.chat(chat, "please ack me"))
     first = await b.message(messageId=ack["messageId"])
     # No receipt: after the backoff (1 s in the test settings) the same message comes again.
@@ -87,9 +79,7 @@ async def test_unreceipted_message_is_redelivered_while_connected(conveyor: App)
 
 
 async def test_message_is_redelivered_after_receiver_drops_before_receipt(conveyor: App) -> None:
-    alice, bob = user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a, b = await connect(conveyor, alice), await connect(conveyor, bob)
+    chat, _, bob, a, b = await chat_of_two(conveyor)
     ack = await a.ack(await a.chat(chat, "lost in transit"))
     await b.message(messageId=ack["messageId"])
     await b.close()  # dropped before sending the receipt
@@ -122,9 +112,7 @@ async def test_pending_messages_are_replayed_in_order_on_reconnect(conveyor: App
 
 
 async def test_resent_client_id_is_a_duplicate_and_delivered_once(conveyor: App, app_db: Any) -> None:
-    alice, bob = user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a, b = await connect(conveyor, alice), await connect(conveyor, bob)
+    chat, _, _, a, b = await chat_of_two(conveyor)
     first = await a.ack(await a.chat(chat, "once", client_id="same-id"))
     await a.chat(chat, "once", client_id="same-id")
     second = await a.ack("same-id")

@@ -9,14 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.client import WsClient, create_chat
+from tests.client import WsClient, chat_of_two, create_chat, user
 from tests.conftest import App
 
 pytestmark = pytest.mark.e2e
-
-
-def user() -> str:
-    return f"u-{uuid.uuid4().hex[:8]}"
 
 
 async def command(c: WsClient, op: str, target: str, **extra: Any) -> dict[str, Any]:
@@ -26,10 +22,8 @@ async def command(c: WsClient, op: str, target: str, **extra: Any) -> dict[str, 
 
 
 async def test_edit_react_delete_are_delivered_and_reflected_in_history(conveyor: App) -> None:
-    alice, bob, carol = user(), user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
-    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    chat, alice, bob, a, b = await chat_of_two(conveyor)
+    carol = user()
     m1 = (await a.ack(await a.chat(chat, "frist")))["messageId"]
     m2 = (await a.ack(await a.chat(chat, "second")))["messageId"]
 
@@ -140,10 +134,7 @@ async def test_chat_list_shows_last_seq_and_unread_count(conveyor: App, app_db: 
 
 
 async def test_an_unreceipted_command_is_redelivered_while_connected(conveyor: App) -> None:
-    alice, bob = user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
-    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    chat, _, _, a, b = await chat_of_two(conveyor)
     mid = (await a.ack(await a.chat(chat, "hello")))["messageId"]
     msg = await b.message(messageId=mid)
     await b.receipt([msg["messageId"]])

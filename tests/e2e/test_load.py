@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import httpx
 import pytest
 import ray
 
 from cluster.sharding import shard_of
-from tests.client import WsClient, create_chat
+from tests.client import WsClient, chat_of_two, create_chat, user
 from tests.conftest import App
 from tests.e2e.test_metrics_overload import scrape, total
 
 pytestmark = pytest.mark.e2e
-
-
-def user() -> str:
-    return f"u-{uuid.uuid4().hex[:8]}"
 
 
 async def counter_moves(app: App, name: str, before: float, by: float, **match: str) -> float:
@@ -127,10 +122,7 @@ async def test_a_silent_gateway_replica_expires_from_presence(conveyor: App) -> 
 
 
 async def test_a_message_not_receipted_is_redelivered_and_counted(conveyor: App) -> None:
-    alice, bob = user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
-    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    chat, _, _, a, b = await chat_of_two(conveyor)
     before = total(await scrape(conveyor), "conveyor_redeliveries_total")
     ack = await a.ack(await a.chat(chat, "are you there?"))
     first = await b.message(messageId=ack["messageId"])

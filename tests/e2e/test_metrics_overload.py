@@ -6,21 +6,16 @@ import asyncio
 import json
 import statistics
 import time
-import uuid
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.client import WsClient, create_chat
+from tests.client import WsClient, chat_of_two, create_chat, user
 from tests.conftest import App
 
 pytestmark = pytest.mark.e2e
-
-
-def user() -> str:
-    return f"u-{uuid.uuid4().hex[:8]}"
 
 
 async def scrape(app: App) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -41,10 +36,7 @@ def total(samples: dict[Any, float], name: str, **match: str) -> float:
 
 async def test_metrics_counters_move_with_traffic(conveyor: App) -> None:
     before = await scrape(conveyor)
-    alice, bob = user(), user()
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
-    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    chat, _, bob, a, b = await chat_of_two(conveyor)
     for i in range(3):
         await a.ack(await a.chat(chat, f"m{i}"))
     msg = await b.message(seq=3)
@@ -98,10 +90,8 @@ async def test_overload_loses_no_durable_message_and_recovers(conveyor: App, app
     metrics_before = await scrape(conveyor)
 
     async def make_pair() -> tuple[str, WsClient, WsClient]:
-        s, r = user(), user()
-        chat = await create_chat(conveyor.base_url, conveyor.token(s), [r])
-        return (chat, await WsClient.connect(conveyor.ws_url, conveyor.token(s)),
-                await WsClient.connect(conveyor.ws_url, conveyor.token(r)))
+        chat, _, _, s, r = await chat_of_two(conveyor)
+        return chat, s, r
 
     made = await asyncio.gather(*(make_pair() for _ in range(pairs)))
     chats = [m[0] for m in made]

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 import websockets
 from ray import serve
 
 from serve_app.app import build_graph
-from tests.client import WsClient, create_chat
+from tests.client import WsClient, chat_of_two
 from tests.conftest import E2E_STAGE_OPTIONS, App
 
 pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]
 
 
 async def test_rolling_update_sends_reconnect_and_pending_messages_survive(conveyor: App) -> None:
-    alice, bob = f"u-{uuid.uuid4().hex[:8]}", f"u-{uuid.uuid4().hex[:8]}"
-    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
-    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
-    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    chat, _, bob, a, b = await chat_of_two(conveyor)
     ack = await a.ack(await a.chat(chat, "before the rollover"))
     await b.message(messageId=ack["messageId"])  # received, deliberately not receipted
 
