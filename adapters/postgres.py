@@ -421,6 +421,20 @@ class PostgresStore:
         assert row is not None
         return int(row["n"]), float(row["age"])
 
+    async def delivery_backlog(self) -> tuple[int, float]:
+        """(messages stored and not yet receipted, summed over members, online or not;
+        age in seconds of the oldest of them). One pass over ``chat_members``: read at
+        scrape time, not per message."""
+        row = await self.pool.fetchrow(
+            "SELECT coalesce(sum(c.last_seq - cm.delivered_seq), 0) AS n,"
+            " coalesce(extract(epoch FROM now() - min(m.created_at)), 0) AS age"
+            " FROM chat_members cm JOIN chats c ON c.id = cm.chat_id"
+            " LEFT JOIN messages m ON m.chat_id = cm.chat_id AND m.seq = cm.delivered_seq + 1"
+            " WHERE cm.delivered_seq < c.last_seq"
+        )
+        assert row is not None
+        return int(row["n"]), float(row["age"])
+
     async def messages_after(self, chat_id: str, after_seq: int, limit: int) -> list[StoredMessage]:
         """Rows in seq order: messages in their current state (edited body, tombstone,
         reaction counts) and command events."""

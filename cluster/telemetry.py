@@ -45,6 +45,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "conveyor_connections": ("gauge", "Open WebSocket connections, by gateway replica."),
     "conveyor_users_online": ("gauge", "Users with at least one live connection."),
     "conveyor_hub_mailbox_depth": ("gauge", "Frames waiting in the hub for gateways to pull."),
+    "conveyor_deliveries_pending": ("gauge", "Messages stored and not yet receipted, summed over "
+                                    "chat members, online or not (what a reconnect replays)."),
+    "conveyor_delivery_lag_seconds": ("gauge", "Age of the oldest stored message some member "
+                                      "has not receipted yet."),
     "conveyor_outbox_pending": ("gauge", "Outbox entries not yet handed to delivery."),
     "conveyor_outbox_lag_seconds": ("gauge", "Age of the oldest pending outbox entry."),
     "conveyor_relay_batch": ("gauge", "Outbox relay batch size chosen by the feedback loop."),

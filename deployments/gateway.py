@@ -588,6 +588,12 @@ class Gateway:
             live[("conveyor_outbox_lag_seconds", ())] = age
         except Exception as exc:
             log.warning("metrics: outbox stats unavailable: %r", exc)
+        try:
+            backlog, oldest = await asyncio.wait_for(self.store.delivery_backlog(), 5.0)
+            live[("conveyor_deliveries_pending", ())] = backlog
+            live[("conveyor_delivery_lag_seconds", ())] = oldest
+        except Exception as exc:
+            log.warning("metrics: delivery backlog unavailable: %r", exc)
         text = await self.metrics.scrape(live)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -66,6 +66,30 @@ async def test_metrics_counters_move_with_traffic(conveyor: App) -> None:
     await b.close()
 
 
+async def test_an_offline_members_backlog_shows_as_pending_until_receipted(conveyor: App) -> None:
+    alice, bob = user(), user()
+    chat = await create_chat(conveyor.base_url, conveyor.token(alice), [bob])
+    a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
+    before = total(await scrape(conveyor), "conveyor_deliveries_pending")
+    for i in range(3):  # Bob is offline: nothing reaches a socket, all of it is backlog
+        await a.ack(await a.chat(chat, f"while away {i}"))
+    during = await scrape(conveyor)
+    assert total(during, "conveyor_deliveries_pending") >= before + 3
+    assert total(during, "conveyor_delivery_lag_seconds") >= 0
+    b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
+    last = await b.message(seq=3)
+    await b.receipt([last["messageId"]])
+    pending = before + 3.0
+    for _ in range(50):  # the receipt is applied in the next receipt batch
+        pending = total(await scrape(conveyor), "conveyor_deliveries_pending")
+        if pending <= before:
+            break
+        await asyncio.sleep(0.2)
+    assert pending <= before
+    await a.close()
+    await b.close()
+
+
 async def ack_latency(a: WsClient, chat: str, n: int = 15) -> float:
     out = []
     for _ in range(n):

@@ -87,6 +87,28 @@ async def test_receipts_are_cumulative_and_never_move_back(db_pool: asyncpg.Pool
     assert await store.pointers("eve", chat) == []
 
 
+async def test_delivery_backlog_counts_every_member_behind_and_the_oldest_age(
+    db_pool: asyncpg.Pool,
+) -> None:
+    store = PostgresStore(db_pool)
+    assert await store.delivery_backlog() == (0, 0.0)
+    chat = await store.create_chat("alice", ["bob", "carol"], None)
+    stored = await store.persist([draft(chat, str(i)) for i in range(4)])
+    await db_pool.execute("UPDATE messages SET created_at = now() - interval '90 seconds'"
+                          " WHERE chat_id = $1 AND seq = 1", chat)
+    # Nobody receipted: three members, four messages each behind; the oldest is seq 1.
+    pending, age = await store.delivery_backlog()
+    assert pending == 12 and 89 < age < 300
+    await store.apply_receipts([Receipt("alice", stored[3].message_id, "delivered"),
+                                Receipt("bob", stored[1].message_id, "delivered")])
+    # Bob is two behind (from seq 3), Carol four (from seq 1, still the oldest).
+    pending, age = await store.delivery_backlog()
+    assert pending == 6 and 89 < age < 300
+    await store.apply_receipts([Receipt("carol", stored[3].message_id, "read")])
+    pending, age = await store.delivery_backlog()
+    assert pending == 2 and age < 60  # only Bob's seq 3 and 4, stored just now
+
+
 async def test_outbox_entries_left_behind_are_claimed_once_and_then_leased(
     db_pool: asyncpg.Pool,
 ) -> None:
