@@ -151,8 +151,12 @@ class Gateway:
 
     def __serve_build_asgi_app__(self) -> Starlette:
         app = Starlette(routes=self._routes(), exception_handlers=EXCEPTION_HANDLERS)
+        # Phase 2 of an attachment (copy, sniff, scan) may outlast an API call; each stage
+        # call is bounded by stage_call_timeout_s instead.
+        check_s = self.settings.attachment_check_timeout_s
         return wrap(app, timeout_s=self.settings.request_timeout_s,  # type: ignore[return-value]
-                    max_body_bytes=self.settings.max_request_bytes)
+                    max_body_bytes=self.settings.max_request_bytes,
+                    longer={"/v1/storage/events": check_s, "/v1/attachments/": check_s})
 
     def _routes(self) -> list[BaseRoute]:
         return [

@@ -22,7 +22,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from http import HTTPStatus
 from typing import Any
 
@@ -137,13 +137,35 @@ class ErrorHandler:
                 await send_error(send, scope, 500, "internal")
 
 
+def app_path(scope: Scope) -> str:
+    """The path inside the application: behind a route prefix (``root_path``, e.g.
+    ``/local``) the scope's path may carry the prefix too."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return str(path)
+
+
 class Timeout:
-    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+    """504 after ``timeout_s``; paths starting with a key of ``longer`` get that limit
+    instead (work that is slow by nature but bounded elsewhere, e.g. checking an upload)."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float,
+                 longer: Mapping[str, float] | None = None) -> None:
         self.app = app
-        self.timeout_s = timeout_s
+        self.default_s = timeout_s
+        self.longer = dict(longer or {})
+
+    def limit_for(self, scope: Scope) -> float:
+        path = app_path(scope)
+        for prefix, limit in self.longer.items():
+            if path.startswith(prefix):
+                return limit
+        return self.default_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.timeout_s <= 0:
+        timeout_s = self.limit_for(scope) if scope["type"] == "http" else 0.0
+        if timeout_s <= 0:
             await self.app(scope, receive, send)
             return
         started = False
@@ -155,9 +177,9 @@ class Timeout:
             await send(message)
 
         try:
-            await asyncio.wait_for(self.app(scope, receive, wrapped), self.timeout_s)
+            await asyncio.wait_for(self.app(scope, receive, wrapped), timeout_s)
         except TimeoutError:
-            log.warning("timeout after %.1fs on %s %s", self.timeout_s, scope.get("method"),
+            log.warning("timeout after %.1fs on %s %s", timeout_s, scope.get("method"),
                         scope.get("path"))
             if not started:
                 await send_error(send, scope, 504, "timeout")
@@ -230,12 +252,7 @@ class Exempt:
         self.prefixes = prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Match the path inside the application: behind a route prefix (``root_path``,
-        # e.g. ``/local``) the scope's path may carry the prefix too.
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
-        target = self.app if path.startswith(self.prefixes) else self.guarded
+        target = self.app if app_path(scope).startswith(self.prefixes) else self.guarded
         await target(scope, receive, send)
 
 
@@ -245,8 +262,9 @@ LONG_PATHS = ("/v1/uploads/",)
 
 
 def wrap(app: ASGIApp, *, timeout_s: float, max_body_bytes: int,
-         exempt: tuple[str, ...] = LONG_PATHS) -> ASGIApp:
-    guarded = Timeout(BodyLimit(app, max_body_bytes), timeout_s)
+         exempt: tuple[str, ...] = LONG_PATHS, longer: Mapping[str, float] | None = None
+         ) -> ASGIApp:
+    guarded = Timeout(BodyLimit(app, max_body_bytes), timeout_s, longer)
     return AccessLog(ErrorHandler(Exempt(guarded, app, exempt) if exempt else guarded))
 
 

@@ -119,6 +119,10 @@ class Settings(BaseSettings):
     attachment_claim_lease_s: float = Field(default=300.0, description=(
         "How long the check of one upload (copy, sniff, virus scan) may hold the attachment; "
         "after that a repeated event may take it over (its processing is presumed dead)."))
+    attachment_check_timeout_s: float = Field(default=60.0, description=(
+        "HTTP timeout of POST /v1/storage/events and /v1/attachments/{id}/complete, which "
+        "copy, sniff and scan the upload before answering (other requests: "
+        "request_timeout_s); keep it above stage_call_timeout_s."))
     clamd_timeout_s: float = Field(default=20.0, description=(
         "Longest a ClamAV scan of one file may take before it counts as failed (the "
         "attachment then stays pending and can be completed again); keep it under "
