@@ -5,7 +5,10 @@ Wire format (Bitrix24 REST): ``POST <webhook>/im.notify.personal.add.json`` with
 an error ``{"error": CODE, "error_description": TEXT}`` (HTTP 400/401/403/404/429/5xx).
 
 Requests (readiness pings included) are paced on our side to the cloud limit
-(``rate_per_s``, 2 by default) per portal and process with a configurable ``burst``.
+(``rate_per_s``, 2 by default, with a configurable ``burst``) per portal by a
+``stages.ports.RateGate``, one ``acquire`` per request. The channel is given its gate
+(the notification wiring passes the cluster-wide one of ``cluster.ratelimit``); without
+one it uses :class:`LocalRateGate`, shared by every channel of this process.
 Classification: HTTP 5xx, 429, 503 ``QUERY_LIMIT_EXCEEDED``, ``OVERLOAD_LIMIT``, timeouts
 and connection errors are transient; every other error (``USER_ID_EMPTY``, unknown user,
 bad webhook) is permanent.
@@ -22,6 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from stages.notifications import Delivery, SendResult
+from stages.ports import RateGate
 
 METHOD = "im.notify.personal.add"
 PING_CACHE_S = 5.0  # a readiness verdict is reused this long
@@ -56,16 +60,55 @@ class TokenBucket:
             self.tokens -= 1.0
 
 
-# One bucket per portal in this process, whatever channel objects point at it.
-_buckets: dict[tuple[str, float, int], TokenBucket] = {}
+class LocalRateGate:
+    """The ``RateGate`` port within one process: a token bucket per key."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.clock = clock
+        self.sleep = sleep
+        self.buckets: dict[str, TokenBucket] = {}
+
+    def bucket(self, key: str) -> TokenBucket:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, self.clock, self.sleep)
+        return bucket
+
+    async def acquire(self, key: str) -> None:
+        await self.bucket(key).acquire()
+
+
+class BucketGate:
+    """One given bucket for every key (tests pace a channel with a bucket of their own)."""
+
+    def __init__(self, bucket: TokenBucket) -> None:
+        self.bucket = bucket
+
+    async def acquire(self, key: str) -> None:
+        await self.bucket.acquire()
+
+
+# One gate per (rate, burst) in this process, whatever channel objects point at it.
+_gates: dict[tuple[float, int], LocalRateGate] = {}
+
+
+def local_gate(rate: float, burst: int) -> LocalRateGate:
+    gate = _gates.get((rate, burst))
+    if gate is None:
+        gate = _gates[(rate, burst)] = LocalRateGate(rate, burst)
+    return gate
+
+
+def portal_key(webhook_url: str) -> str:
+    """The gate key of a webhook: its portal (host), whatever user or secret it names."""
+    return "bitrix:" + urlsplit(webhook_url).netloc.lower()
 
 
 def portal_bucket(webhook_url: str, rate: float, burst: int) -> TokenBucket:
-    key = (urlsplit(webhook_url).netloc.lower(), rate, burst)
-    bucket = _buckets.get(key)
-    if bucket is None:
-        bucket = _buckets[key] = TokenBucket(rate, burst)
-    return bucket
+    return local_gate(rate, burst).bucket(portal_key(webhook_url))
 
 
 def classify(status: int, body: Any) -> SendResult:
@@ -85,9 +128,13 @@ class BitrixChannel:
 
     def __init__(self, webhook_url: str, *, rate_per_s: float = 2.0, burst: int = 2,
                  timeout_s: float = 10.0, client: httpx.AsyncClient | None = None,
-                 bucket: TokenBucket | None = None, ping_cache_s: float = PING_CACHE_S) -> None:
+                 bucket: TokenBucket | None = None, gate: RateGate | None = None,
+                 ping_cache_s: float = PING_CACHE_S) -> None:
         self.base = webhook_url.rstrip("/") + "/"
-        self.bucket = bucket or portal_bucket(webhook_url, rate_per_s, burst)
+        self.key = portal_key(webhook_url)
+        if gate is None:
+            gate = BucketGate(bucket) if bucket is not None else local_gate(rate_per_s, burst)
+        self.gate = gate
         self.client = client or httpx.AsyncClient(timeout=timeout_s)
         self.ping_cache_s = ping_cache_s
         self._ping: tuple[float, str | None] | None = None  # (when, error or None)
@@ -97,7 +144,7 @@ class BitrixChannel:
         return True
 
     async def _call(self, method: str, payload: dict[str, Any]) -> tuple[int, Any]:
-        await self.bucket.acquire()
+        await self.gate.acquire(self.key)
         resp = await self.client.post(f"{self.base}{method}.json", json=payload)
         try:
             body = resp.json()
@@ -120,7 +167,7 @@ class BitrixChannel:
 
     async def ping(self) -> None:
         """Readiness: the webhook answers a cheap method (``server.time``). The call goes
-        through the portal's rate limiter like any other, and its verdict is kept for
+        through the channel's rate gate like any other, and its verdict is kept for
         ``ping_cache_s``: however often readiness is probed, the portal sees at most one
         ping per period from this process (concurrent probes share it)."""
         async with self._ping_lock:

@@ -8,11 +8,13 @@ holds a database pool, and a hop to a stage host per request would cost more tha
 stages themselves. Immediate notifications are handed to ``NotificationDispatcher``;
 if that hand-off is lost, the dispatcher's outbox loop sends them anyway.
 
-``NotificationDispatcher`` (a Serve deployment, one replica) runs ``DispatchEngine``:
+``NotificationDispatcher`` (a Serve deployment) runs ``DispatchEngine``:
 immediate notifications at once, queued ones flushed in batches every
 ``notification_flush_interval_s``, retries with backoff and jitter, every attempt
 recorded, final state stored. A dead process loses nothing: its leases expire and the
-outbox rows are claimed again.
+outbox rows are claimed again. Several replicas may run: claims are leased, and the
+Bitrix24 portal's rate limit is held across them (and the gateways' readiness pings) by
+one shared gate (``cluster.ratelimit``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from adapters.auth import AuthError, JwtVerifier, Principal
-from adapters.bitrix import BitrixChannel
+from adapters.bitrix import BitrixChannel, local_gate
 from adapters.mailfiles import MailDirChannel
 from adapters.notifications_store import NotificationsStore
 from adapters.smtp import SmtpChannel
@@ -58,6 +60,7 @@ from stages.notifications import (
     list_size_issues,
 )
 from stages.pipeline import Pipeline
+from stages.ports import RateGate
 
 log = logging.getLogger("conveyor.notifications")
 PREFIX = "/v1/notifications"
@@ -160,8 +163,24 @@ class HandleKick:
         task.add_done_callback(self._pending.discard)
 
 
+def bitrix_gate(settings: Settings) -> RateGate:
+    """The rate gate of the Bitrix channel: cluster-wide (one actor books every process's
+    requests) when running on Ray and ``bitrix_shared_limit`` is on, else per process."""
+    local = local_gate(settings.bitrix_rate_per_s, settings.bitrix_burst)
+    if not settings.bitrix_shared_limit:
+        return local
+    import ray
+
+    if not ray.is_initialized():
+        return local
+    from cluster.ratelimit import SharedRateGate
+
+    return SharedRateGate(settings.bitrix_rate_per_s, settings.bitrix_burst, local)
+
+
 def build_channels(settings: Settings) -> tuple[dict[str, Channel], dict[str, Any]]:
-    """(channels by contact type, each behind a circuit breaker; raw adapters by name)."""
+    """(channels by contact type, each behind a circuit breaker; raw adapters by name).
+    The Bitrix channel is paced by :func:`bitrix_gate`."""
     raw: dict[str, Any] = {}
     if settings.smtp_host:
         raw["smtp"] = SmtpChannel(
@@ -179,7 +198,8 @@ def build_channels(settings: Settings) -> tuple[dict[str, Channel], dict[str, An
         raw["bitrix"] = BitrixChannel(settings.bitrix_webhook_url,
                                       rate_per_s=settings.bitrix_rate_per_s,
                                       burst=settings.bitrix_burst,
-                                      timeout_s=settings.bitrix_timeout_s)
+                                      timeout_s=settings.bitrix_timeout_s,
+                                      gate=bitrix_gate(settings))
         channels["bitrix"] = raw["bitrix"]
     guarded: dict[str, Channel] = {
         kind: GuardedChannel(ch, CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s))

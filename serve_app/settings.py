@@ -152,6 +152,11 @@ class Settings(BaseSettings):
         "unset: the bitrix channel is unavailable."))
     bitrix_rate_per_s: float = 2.0
     bitrix_burst: int = 2
+    bitrix_shared_limit: bool = Field(default=True, description=(
+        "Hold bitrix_rate_per_s (+ bitrix_burst) for the whole cluster: every dispatcher "
+        "replica and gateway books its requests with one shared actor (falling back to a "
+        "per-process limit while that actor is unreachable). Off: the limit holds per "
+        "process, so N processes may send N times as fast."))
     bitrix_timeout_s: float = 10.0
     notification_flush_interval_s: float = Field(default=5.0, description=(
         "Queued (isImmediate=false) notifications are sent in batches this often."))

@@ -207,6 +207,24 @@ class DedupWindow(Protocol):
     async def first_seen(self, keys: Sequence[str]) -> list[bool]: ...
 
 
+class RateGate(Protocol):
+    """Paces requests to an outside service that limits how often it may be called.
+
+    ``acquire`` waits until one request for ``key`` (e.g. a Bitrix24 portal) may go; the
+    caller sends right after it returns, one ``acquire`` per request. The gate holds its
+    ``rate`` (requests per second) and ``burst`` (requests that may go at once after a quiet
+    spell): over any window of ``w`` seconds at most ``burst + rate * w`` requests for a
+    key pass. A process-local gate holds that per process; a shared gate holds it for every
+    process using it (cluster-wide). If the shared state cannot be reached, a shared gate
+    falls back to the process-local limit and logs it: the service goes on sending (the
+    limit may then be exceeded N-fold for N processes, and the outside service's refusals
+    are retried as transient failures) rather than stopping. Losing the shared state
+    forgets past requests: at most one extra ``burst`` passes.
+    """
+
+    async def acquire(self, key: str) -> None: ...
+
+
 class Notices(Protocol):
     """Server-generated ``system`` frames to a sender's connection: no ack, never stored,
     best-effort (a connection gone is skipped)."""

@@ -313,7 +313,7 @@ async def test_bitrix_channels_on_one_portal_share_its_rate(portal: tuple[FakePo
     fake, url = portal
     one = BitrixChannel(url, rate_per_s=2.0, burst=1)
     two = BitrixChannel(url.replace("/rest/1/", "/rest/2/"), rate_per_s=2.0, burst=1)
-    assert one.bucket is two.bucket
+    assert one.gate is two.gate and one.key == two.key
     await asyncio.gather(one.send([Delivery(f"a{i}", 0, i + 1, "x") for i in range(3)]),
                          two.send([Delivery(f"b{i}", 0, i + 10, "x") for i in range(3)]))
     assert len(fake.calls) == 6
@@ -323,6 +323,31 @@ async def test_bitrix_channels_on_one_portal_share_its_rate(portal: tuple[FakePo
     assert all(g >= 0.25 for g in gaps), gaps
     await one.close()
     await two.close()
+
+
+class CountingGate:
+    """A ``RateGate`` that lets everything through and counts who asked."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    async def acquire(self, key: str) -> None:
+        self.keys.append(key)
+
+
+async def test_bitrix_channel_asks_its_injected_gate_before_every_request(
+        portal: tuple[FakePortal, str]) -> None:
+    fake, url = portal
+    gate = CountingGate()
+    ch = BitrixChannel(url, gate=gate, ping_cache_s=0.0)
+    fake.overloaded = 1  # a refused request went through the gate too
+    await ch.send([Delivery(f"n{i}", 0, i + 1, "x") for i in range(4)])
+    await ch.ping()
+    await ch.ping()
+    assert len(fake.calls) == 4 and fake.pings == 2
+    port = url.split("/")[2]
+    assert gate.keys == [f"bitrix:{port}"] * 6  # one acquire per request, keyed by portal
+    await ch.close()
 
 
 async def test_bitrix_readiness_ping_is_paced_and_cached(portal: tuple[FakePortal, str]) -> None:
