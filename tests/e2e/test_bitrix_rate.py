@@ -12,16 +12,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 import ray
-import uvicorn
-from starlette.applications import Starlette
-from starlette.routing import Route
 
 from adapters.bitrix import BitrixChannel, LocalRateGate
 from cluster.ratelimit import RateLimiter, SharedRateGate
 from cluster.sharding import NAMESPACE, named_actor
 from stages.notifications import Delivery, SendStatus
 from tests.conftest import App
-from tests.integration.test_notify_delivery import FakePortal, free_port
+from tests.integration.test_notify_delivery import FakePortal, running_portal
 
 pytestmark = pytest.mark.e2e
 RATE, BURST = 2.0, 2
@@ -29,17 +26,8 @@ RATE, BURST = 2.0, 2
 
 @pytest.fixture
 async def bitrix_portal() -> AsyncIterator[tuple[FakePortal, str]]:
-    fake = FakePortal()
-    app = Starlette(routes=[Route("/rest/{user}/{secret}/{method}.json", fake.method, methods=["POST"])])
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
-        await asyncio.sleep(0.01)
-    yield fake, f"http://127.0.0.1:{port}/rest/1/s3cr3t/"
-    server.should_exit = True
-    await task
+    async with running_portal() as served:
+        yield served
 
 
 async def send_until(ch: BitrixChannel, deadline: float, tag: str) -> int:

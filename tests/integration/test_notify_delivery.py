@@ -11,6 +11,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from email import message_from_bytes
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,9 @@ class FakePortal:
         return JSONResponse({"result": self.next_id, "time": {"start": time.time()}})
 
 
-@pytest.fixture
-async def portal() -> AsyncIterator[tuple[FakePortal, str]]:
+@asynccontextmanager
+async def running_portal() -> AsyncIterator[tuple[FakePortal, str]]:
+    """A local server speaking Bitrix24's incoming-webhook format; yields it and its URL."""
     fake = FakePortal()
     app = Starlette(routes=[Route("/rest/{user}/{secret}/{method}.json", fake.method, methods=["POST"])])
     port = free_port()
@@ -134,6 +136,12 @@ async def portal() -> AsyncIterator[tuple[FakePortal, str]]:
     yield fake, f"http://127.0.0.1:{port}/rest/1/s3cr3t/"
     server.should_exit = True
     await task
+
+
+@pytest.fixture
+async def portal() -> AsyncIterator[tuple[FakePortal, str]]:
+    async with running_portal() as served:
+        yield served
 
 
 def draft(contacts: list[dict[str, Any]], immediate: bool = False, strategy: str = "send_to_first_available",
