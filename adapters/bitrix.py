@@ -17,6 +17,7 @@ bad webhook) is permanent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -65,16 +66,13 @@ class LocalRateGate:
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
-        self.rate = rate
-        self.burst = max(1, burst)
-        self.clock = clock
-        self.sleep = sleep
+        self._new_bucket = functools.partial(TokenBucket, rate, burst, clock, sleep)
         self.buckets: dict[str, TokenBucket] = {}
 
     def bucket(self, key: str) -> TokenBucket:
         bucket = self.buckets.get(key)
         if bucket is None:
-            bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, self.clock, self.sleep)
+            bucket = self.buckets[key] = self._new_bucket()
         return bucket
 
     async def acquire(self, key: str) -> None:
@@ -105,10 +103,6 @@ def local_gate(rate: float, burst: int) -> LocalRateGate:
 def portal_key(webhook_url: str) -> str:
     """The gate key of a webhook: its portal (host), whatever user or secret it names."""
     return "bitrix:" + urlsplit(webhook_url).netloc.lower()
-
-
-def portal_bucket(webhook_url: str, rate: float, burst: int) -> TokenBucket:
-    return local_gate(rate, burst).bucket(portal_key(webhook_url))
 
 
 def classify(status: int, body: Any) -> SendResult:

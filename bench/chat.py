@@ -379,6 +379,24 @@ async def _read_back(target: Target, ps: list[Pair], settle_s: float = 15.0) -> 
         await asyncio.gather(*(history(p) for p in ps))
 
 
+def dev_tokens(data_dir: Path) -> Callable[[str], str]:
+    """Tokens as ``conveyor token USER`` mints them: the dev key under ``data_dir``, the
+    issuer/audience/client of the settings, every role the endpoints need."""
+    from adapters.auth import DevKey
+    from serve_app.cli import DEFAULT_ROLES
+    from serve_app.settings import Settings
+
+    settings = Settings(data_dir=data_dir)
+    key = DevKey(data_dir)
+
+    def token(user: str) -> str:
+        return str(key.issue(user, roles=list(DEFAULT_ROLES), issuer=settings.jwt_issuer,
+                             audience=settings.jwt_audience, client_id=settings.jwt_client_id,
+                             ttl_s=3600))
+
+    return token
+
+
 # --- a local Ray + PostgreSQL + Serve to measure on ---------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -468,9 +486,7 @@ class Spawned:
     def deploy_conveyor(self, topology: str = "fused") -> Target:
         from ray import serve
 
-        from adapters.auth import DevKey
         from serve_app.app import build_graph, plan_hosts
-        from serve_app.cli import DEFAULT_ROLES
         from serve_app.settings import Settings
 
         assert self.tmp is not None and self.pg is not None
@@ -499,13 +515,8 @@ class Spawned:
         self._wait_ready()
         log(f"conveyor ({topology}, {len(hosts)} stage deployment(s)) up in "
             f"{time.monotonic() - t0:.1f} s")
-        key = DevKey(data_dir)
-
-        def token(user: str) -> str:
-            return str(key.issue(user, roles=list(DEFAULT_ROLES), issuer="conveyor-dev",
-                                 audience="conveyor", client_id="conveyor", ttl_s=3600))
-
-        return Target(topology, self.base_url, f"ws://127.0.0.1:{self.port}/v1/ws", token)
+        return Target(topology, self.base_url, f"ws://127.0.0.1:{self.port}/v1/ws",
+                      dev_tokens(data_dir))
 
     def deploy_echo(self) -> Target:
         from ray import serve
@@ -595,17 +606,8 @@ async def measure_spawned(load: Load, topologies: list[str], baseline: bool = Tr
 
 
 async def measure_url(load: Load, url: str, data_dir: Path) -> dict[str, Any]:
-    from adapters.auth import DevKey
-    from serve_app.cli import DEFAULT_ROLES
-
-    key = DevKey(data_dir)
-
-    def token(user: str) -> str:
-        return str(key.issue(user, roles=list(DEFAULT_ROLES), issuer="conveyor-dev",
-                             audience="conveyor", client_id="conveyor", ttl_s=3600))
-
     ws = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1).rstrip("/") + "/v1/ws"
-    target = Target("url", url.rstrip("/"), ws, token)
+    target = Target("url", url.rstrip("/"), ws, dev_tokens(data_dir))
     return {"config": {**load.__dict__, "url": url}, "runs": {"url": await load.run(target)}}
 
 

@@ -36,6 +36,7 @@ from deployments.notifications import NotificationApi
 from deployments.runner import PipelineRunner, TypeBatcher
 from serve_app.bootstrap import open_services
 from serve_app.settings import Settings
+from stages.attachments import ready_key
 from stages.model import Envelope, Outcome, Verdict
 
 log = logging.getLogger("conveyor.gateway")
@@ -94,8 +95,9 @@ class GatewayNotices:
             conn.send({"type": "system", "event": event, "data": dict(data)})
 
 
-def rfc3339_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def rfc3339(at: float | None = None) -> str:
+    """``at`` (epoch seconds; default now) as RFC 3339 UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=1000)
@@ -305,10 +307,7 @@ class Gateway:
         if batcher.spec.overflow == "drop":
             if not batcher.offer(env):
                 self._dropped(env, "buffer_full")
-                self.metrics.recorder.inc("conveyor_acks_total", type=ftype, status="rejected")
-                conn.send({"type": "ack", "id": env.id, "status": "rejected",
-                           "error": {"code": "overloaded",
-                                     "message": f"{ftype} dropped: the server is overloaded"}})
+                self._ack_overloaded(conn, env)
             return
         if batcher.offer(env):
             conn.overload_eased(ftype, batcher.depth, batcher.capacity)
@@ -339,10 +338,9 @@ class Gateway:
         batcher = self.batchers.get("presence")
         if batcher is None:
             return
-        seen = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last_seen))
-                if last_seen is not None else rfc3339_now())
         env = Envelope(type="presence", id=f"p-{time.time_ns()}", sender=user_id,
-                       gateway=self.replica_id, fields={"online": online, "lastSeen": seen})
+                       gateway=self.replica_id,
+                       fields={"online": online, "lastSeen": rfc3339(last_seen)})
         if not batcher.offer(env):
             self._dropped(env, "buffer_full")
 
@@ -393,6 +391,10 @@ class Gateway:
         conn = self.connections.get(env.connection or "")
         if conn is None or not spec.client or env.meta.get("acked"):
             return
+        self._ack_overloaded(conn, env)
+
+    def _ack_overloaded(self, conn: Connection, env: Envelope) -> None:
+        """A dropped client frame is still answered: ``rejected`` / ``overloaded``."""
         self.metrics.recorder.inc("conveyor_acks_total", type=env.type, status="rejected")
         conn.send({"type": "ack", "id": env.id, "status": "rejected",
                    "error": {"code": "overloaded",
@@ -423,14 +425,8 @@ class Gateway:
             if got is None:
                 # The hub does not know us (restarted, or we were reaped): attach again.
                 # Users it did not know are online again for their contacts.
-                conns = [c for c in self.connections.values()
-                         if self.hub.shard(c.user_id) == shard]
-                came = await guarded(actor.attach.remote(
-                    self.replica_id, [(c.id, c.user_id) for c in conns]), "hub re-attach")
-                if came is not None:
-                    self._unattached.difference_update(c.id for c in conns)
-                for who in came or ():
-                    self._presence(who, True)
+                await self._attach(shard, [c for c in self.connections.values()
+                                           if self.hub.shard(c.user_id) == shard], "hub re-attach")
                 await self._resync(shard)
                 continue
             if self._unattached:
@@ -462,16 +458,20 @@ class Gateway:
         conns = [c for cid in list(self._unattached)
                  if (c := self.connections.get(cid)) is not None
                  and self.hub.shard(c.user_id) == shard]
-        if not conns:
-            return
+        if conns and await self._attach(shard, conns, "hub attach (pending)"):
+            await self._resync(shard, conns)  # what was published for them meanwhile
+
+    async def _attach(self, shard: int, conns: list[Connection], what: str) -> bool:
+        """Register ``conns`` with a hub shard; users who came online are announced.
+        False when the shard did not answer (they stay unattached)."""
         came = await guarded(self.hub.actors[shard].attach.remote(
-            self.replica_id, [(c.id, c.user_id) for c in conns]), "hub attach (pending)")
+            self.replica_id, [(c.id, c.user_id) for c in conns]), what)
         if came is None:
-            return
+            return False
         self._unattached.difference_update(c.id for c in conns)
         for who in came:
             self._presence(who, True)
-        await self._resync(shard, conns)  # what was published for them meanwhile
+        return True
 
     async def _resync(self, shard: int, only: list[Connection] | None = None) -> None:
         """Frames from this hub shard may have been lost: re-read from the store."""
@@ -560,8 +560,7 @@ class Gateway:
             found = await self.hub.presence(users)
             out = []
             for user, online, seen in found:
-                last = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seen))
-                        if seen is not None else None)
+                last = rfc3339(seen) if seen is not None else None
                 out.append({"userId": user, "online": online, "lastSeen": last})
             return json_response({"users": out})
         except ApiError as exc:
@@ -692,8 +691,7 @@ class Gateway:
                 raise ApiError(410, "gone", f"attachment is {rec.state}")
             if rec.state != "ready":
                 raise ApiError(409, "not_ready", f"attachment is {rec.state}")
-            from stages.attachments import ready_key  # the checked copy, never the upload
-
+            # The checked copy, never the upload (which its uploader could still overwrite).
             url = await self.services.objects.download_url(ready_key(rec), 300, rec.file_name)
             return Response(status_code=307, headers={"Location": url,
                                                       "Cache-Control": "private, no-store"})

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
+import ray
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
@@ -39,6 +40,7 @@ from adapters.bitrix import BitrixChannel, local_gate
 from adapters.mailfiles import MailDirChannel
 from adapters.notifications_store import NotificationsStore
 from adapters.smtp import SmtpChannel
+from cluster.ratelimit import SharedRateGate
 from cluster.telemetry import Recorder
 from deployments.http import json_response
 from deployments.middleware import error_body
@@ -167,14 +169,8 @@ def bitrix_gate(settings: Settings) -> RateGate:
     """The rate gate of the Bitrix channel: cluster-wide (one actor books every process's
     requests) when running on Ray and ``bitrix_shared_limit`` is on, else per process."""
     local = local_gate(settings.bitrix_rate_per_s, settings.bitrix_burst)
-    if not settings.bitrix_shared_limit:
+    if not settings.bitrix_shared_limit or not ray.is_initialized():
         return local
-    import ray
-
-    if not ray.is_initialized():
-        return local
-    from cluster.ratelimit import SharedRateGate
-
     return SharedRateGate(settings.bitrix_rate_per_s, settings.bitrix_burst, local)
 
 

@@ -800,10 +800,7 @@ class PersistNotification:
             request = next((e.meta["request"] for e in batch
                             if isinstance(e.meta.get("request"), AcceptRequest)), None)
             record = request.record() if request is not None else None
-            if record is not None:
-                await self.store.accept(drafts, idempotency=record)
-            else:
-                await self.store.accept(drafts)
+            await self.store.accept(drafts, idempotency=record)
             if request is not None:
                 request.persisted = True
         return [Outcome.ok(env) for env in batch]

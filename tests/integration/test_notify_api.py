@@ -231,12 +231,12 @@ async def test_body_over_the_limit_is_413(db_pool: asyncpg.Pool, tmp_path: Path)
 
 
 class SlowStore:
-    async def accept(self, drafts: Any) -> None:
+    async def accept(self, drafts: Any, idempotency: Any = None) -> None:
         await asyncio.sleep(30)
 
 
 class BrokenStore:
-    async def accept(self, drafts: Any) -> None:
+    async def accept(self, drafts: Any, idempotency: Any = None) -> None:
         raise ConnectionError("database is gone")
 
 

@@ -174,7 +174,7 @@ class FakeStore:
     def __init__(self) -> None:
         self.accepted: list[Any] = []
 
-    async def accept(self, drafts: Any) -> None:
+    async def accept(self, drafts: Any, idempotency: Any = None) -> None:
         self.accepted.extend(drafts)
 
 
