@@ -384,7 +384,7 @@ def dev_tokens(data_dir: Path) -> Callable[[str], str]:
     issuer/audience/client of the settings, every role the endpoints need."""
     from adapters.auth import DevKey
     from serve_app.cli import DEFAULT_ROLES
-    from serve_app.settings import Settings
+    from settings import Settings
 
     settings = Settings(data_dir=data_dir)
     key = DevKey(data_dir)
@@ -487,7 +487,7 @@ class Spawned:
         from ray import serve
 
         from serve_app.app import build_graph, plan_hosts
-        from serve_app.settings import Settings
+        from settings import Settings
 
         assert self.tmp is not None and self.pg is not None
         database = f"bench_{topology}_{uuid.uuid4().hex[:6]}"
@@ -680,7 +680,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         out = asyncio.run(measure_spawned(load, args.topologies, args.baseline, args.gateways,
                                           args.cpu, dict(_setting(s) for s in args.set)))
     else:
-        from serve_app.settings import Settings
+        from settings import Settings
 
         data_dir = args.data_dir or Settings().data_dir
         out = asyncio.run(measure_url(load, args.url, data_dir))

@@ -35,7 +35,7 @@ from deployments.middleware import EXCEPTION_HANDLERS, wrap
 from deployments.notifications import NotificationApi
 from deployments.runner import PipelineRunner, TypeBatcher
 from serve_app.bootstrap import open_services
-from serve_app.settings import Settings
+from settings import Settings
 from stages.attachments import ready_key
 from stages.model import Envelope, Outcome, Verdict
 

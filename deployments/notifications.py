@@ -44,7 +44,7 @@ from cluster.ratelimit import SharedRateGate
 from cluster.telemetry import Recorder
 from deployments.http import json_response
 from deployments.middleware import error_body
-from serve_app.settings import Settings
+from settings import Settings
 from stages.model import Envelope, Verdict
 from stages.notifications import (
     MAX_ITEMS,

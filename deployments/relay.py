@@ -19,7 +19,7 @@ from ray import serve
 
 from cluster.telemetry import MetricsPusher
 from serve_app.bootstrap import open_services
-from serve_app.settings import Settings
+from settings import Settings
 from stages.attachments import ready_key
 from stages.feedback import PaceConfig, Pacer
 

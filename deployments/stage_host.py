@@ -13,7 +13,7 @@ from ray import serve
 
 from cluster.telemetry import MetricsAnalytics, MetricsPusher
 from serve_app.bootstrap import open_services
-from serve_app.settings import Settings
+from settings import Settings
 from stages.model import Envelope, Outcome
 from stages.pipeline import Pipeline
 

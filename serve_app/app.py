@@ -23,7 +23,7 @@ from deployments.notifications import NotificationDispatcher
 from deployments.relay import OutboxRelay
 from deployments.stage_host import StageHost
 from serve_app.bootstrap import load_resolver
-from serve_app.settings import Settings
+from settings import Settings
 
 # Stages that run inside the gateway: they answer the sender or guard the entrance.
 GATEWAY_STAGES = {"ack", "debit_credits", "track"}

@@ -26,7 +26,7 @@ from adapters.postgres import (
 from cluster.credits import CreditBankClient
 from cluster.dedup import DedupClient
 from cluster.hub import HubClient
-from serve_app.settings import Settings
+from settings import Settings
 from stages.builtin import default_registry
 from stages.resolver import Resolver, StageRegistry
 

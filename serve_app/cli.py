@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from adapters.auth import DevKey
-from serve_app.settings import Settings
+from settings import Settings
 
 DEFAULT_ROLES = ["user", "notifications:send"]
 

@@ -30,7 +30,7 @@ from adapters.notifications_store import NotificationsStore
 from deployments.middleware import EXCEPTION_HANDLERS, wrap
 from deployments.notifications import NotificationApi
 from serve_app.bootstrap import load_resolver
-from serve_app.settings import Settings
+from settings import Settings
 from stages.builtin import default_registry
 
 ISSUER = "http://keycloak.test/realms/conveyor"

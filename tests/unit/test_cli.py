@@ -14,7 +14,7 @@ import pytest
 
 from adapters.auth import AuthError, JwtVerifier
 from serve_app.cli import DEFAULT_ROLES
-from serve_app.settings import Settings
+from settings import Settings
 
 
 def conveyor(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

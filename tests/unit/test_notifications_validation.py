@@ -154,7 +154,7 @@ def test_limits_are_configurable() -> None:
 
 
 def test_registered_validation_reads_its_limits_from_settings() -> None:
-    from serve_app.settings import Settings
+    from settings import Settings
     from stages.notifications import register_notification_stages
 
     reg = StageRegistry()
@@ -223,7 +223,7 @@ def test_registration_names_the_pipeline_stages() -> None:
 
 def test_shipped_pipelines_yaml_has_the_notification_route() -> None:
     from serve_app.bootstrap import load_resolver
-    from serve_app.settings import Settings
+    from settings import Settings
 
     spec = load_resolver(Settings()).spec("notification")
     assert spec.durable and not spec.client

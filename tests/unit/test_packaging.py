@@ -32,7 +32,7 @@ def test_serve_config_names_the_builder_and_known_deployments() -> None:
 
 def test_plan_hosts_places_every_stage() -> None:
     from serve_app.app import plan_hosts
-    from serve_app.settings import Settings
+    from settings import Settings
 
     s = Settings()
     fused = plan_hosts(s, "fused")

@@ -117,7 +117,7 @@ def test_resolver_rejects_bad_configuration(text: str, error: str) -> None:
 
 def test_shipped_pipelines_yaml_is_valid() -> None:
     from serve_app.bootstrap import load_resolver
-    from serve_app.settings import Settings
+    from settings import Settings
 
     res = load_resolver(Settings())
     assert res.spec("chat").durable

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serve_app.settings import Settings
+from settings import Settings
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
