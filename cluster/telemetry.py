@@ -1,4 +1,4 @@
-"""Cluster-wide metrics for ``GET /metrics`` (Prometheus text format).
+"""Cluster-wide metrics for ``GET /metrics`` (Prometheus text format, by ``prometheus_client``).
 
 Every process (gateway replica, stage host, relay) records into a local ``Recorder`` and
 pushes deltas every ``metrics_push_s`` to the ``Telemetry`` actor, which sums counters and
@@ -20,6 +20,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import ray
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from cluster.sharding import named_actor
 
@@ -104,36 +115,75 @@ class Recorder:
         return counters, hist, dict(self.gauges)
 
 
+# How each kind of metric is built by the library; "unknown" is exported as untyped.
+_FAMILIES: dict[str, type[Metric]] = {
+    "counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
+    "histogram": HistogramMetricFamily, "unknown": UnknownMetricFamily,
+}
+
+
+def _scalar_samples(kind: str, name: str, lb: Labels, value: float) -> list[Sample]:
+    """One counter, gauge or untyped series, named as the library names it (``_total``
+    on counters)."""
+    family: Any = _FAMILIES[kind](name, "", labels=[k for k, _ in lb])
+    family.add_metric([v for _, v in lb], value)
+    return list(family.samples)
+
+
+def _histogram_samples(name: str, lb: Labels, h: list[float]) -> list[Sample]:
+    """One histogram series from the recorder's per-bucket counts (``BUCKETS``, +Inf, sum)."""
+    family = HistogramMetricFamily(name, "", labels=[k for k, _ in lb])
+    cumulative, buckets = 0.0, []
+    for bound, n in zip((*BUCKETS, math.inf), h, strict=False):
+        cumulative += n
+        buckets.append((floatToGoString(bound), cumulative))
+    family.add_metric([v for _, v in lb], buckets, h[-1])
+    return list(family.samples)
+
+
+class SnapshotCollector(Collector):
+    """The cluster's merged metrics as ``prometheus_client`` families: declared metrics
+    (``METRICS``) with their type and help, whatever else was recorded as untyped (or as a
+    histogram if it was observed)."""
+
+    def __init__(self, counters: dict[Any, float], hist: dict[Any, list[float]],
+                 gauges: dict[Any, float]) -> None:
+        self.scalars: dict[str, list[tuple[Labels, float]]] = defaultdict(list)
+        for (name, lb), v in sorted(counters.items()):
+            self.scalars[name].append((lb, v))
+        for (name, lb), v in sorted(gauges.items()):
+            self.scalars[name].append((lb, v))
+        self.hist: dict[str, list[tuple[Labels, list[float]]]] = defaultdict(list)
+        for (name, lb), h in sorted(hist.items()):
+            self.hist[name].append((lb, h))
+
+    def collect(self) -> Iterable[Metric]:
+        undeclared = sorted((set(self.scalars) | set(self.hist)) - set(METRICS))
+        kinds = [(name, kind, help_text) for name, (kind, help_text) in METRICS.items()]
+        kinds += [(name, "histogram" if name in self.hist else "unknown", "")
+                  for name in undeclared]
+        for name, kind, help_text in kinds:
+            family = _FAMILIES[kind](name, help_text)
+            if kind == "histogram":
+                for lb, h in self.hist.get(name, []):
+                    family.samples.extend(_histogram_samples(name, lb, h))
+            else:
+                for lb, v in self.scalars.get(name, []):
+                    family.samples.extend(_scalar_samples(kind, name, lb, v))
+            other = self.scalars if kind == "histogram" else self.hist
+            if name in other:  # a coding error: one name, two kinds of series
+                log.warning("metric %s has series of another kind than %s: not exported",
+                            name, kind)
+            yield family
+
+
 def render(counters: dict[Any, float], hist: dict[Any, list[float]],
            gauges: dict[Any, float]) -> str:
-    by_name: dict[str, list[str]] = defaultdict(list)
-
-    def fmt(lb: Iterable[tuple[str, str]]) -> str:
-        parts = [f'{k}="{v}"' for k, v in lb]
-        return "{" + ",".join(parts) + "}" if parts else ""
-
-    for (name, lb), v in sorted(counters.items()):
-        by_name[name].append(f"{name}{fmt(lb)} {v:g}")
-    for (name, lb), v in sorted(gauges.items()):
-        by_name[name].append(f"{name}{fmt(lb)} {v:g}")
-    for (name, lb), h in sorted(hist.items()):
-        cumulative = 0.0
-        for b, n in zip(BUCKETS, h, strict=False):
-            cumulative += n
-            by_name[name].append(f"{name}_bucket{fmt((*lb, ('le', f'{b:g}')))} {cumulative:g}")
-        cumulative += h[len(BUCKETS)]
-        by_name[name].append(f"{name}_bucket{fmt((*lb, ('le', '+Inf')))} {cumulative:g}")
-        by_name[name].append(f"{name}_sum{fmt(lb)} {h[-1]:g}")
-        by_name[name].append(f"{name}_count{fmt(lb)} {cumulative:g}")
-    out = []
-    for name, (kind, help_text) in METRICS.items():
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        out.extend(by_name.pop(name, []))
-    for name, lines in by_name.items():  # recorded but not declared: still exported
-        out.append(f"# TYPE {name} untyped")
-        out.extend(lines)
-    return "\n".join(out) + "\n"
+    """The Prometheus text exposition of a merged snapshot, rendered by ``prometheus_client``
+    (names, HELP, TYPE and label escaping are the library's)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(counters, hist, gauges))
+    return generate_latest(registry).decode("utf-8")
 
 
 @ray.remote
