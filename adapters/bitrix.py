@@ -17,7 +17,6 @@ bad webhook) is permanent.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from stages.buckets import TokenBuckets
 from stages.notifications import Delivery, SendResult
 from stages.ports import RateGate
 
@@ -34,59 +34,37 @@ TRANSIENT_ERRORS = {"QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT", "INTERNAL_SERVER_E
                     "ERROR_UNEXPECTED_ANSWER", "PORTAL_DELETED_TEMPORARILY"}
 
 
-class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up; ``acquire`` waits for one."""
+class LocalRateGate:
+    """The ``RateGate`` port within one process: a GCRA bucket per key
+    (``stages.buckets``). ``acquire`` books the key's next slot, then sleeps until it."""
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
-        self.rate = rate
-        self.burst = max(1, burst)
+        self.buckets = TokenBuckets(capacity=max(1, burst), refill=1, interval_s=1.0 / rate)
         self.clock = clock
         self.sleep = sleep
-        self.tokens = float(self.burst)
-        self.stamp = clock()
-        self._lock = asyncio.Lock()
 
-    def _refill(self) -> None:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            self._refill()
-            while self.tokens < 1.0:
-                await self.sleep((1.0 - self.tokens) / self.rate)
-                self._refill()
-            self.tokens -= 1.0
+    async def acquire(self, key: str) -> None:
+        wait = self.buckets.reserve(key, 1, self.clock())
+        if wait > 0:
+            await self.sleep(wait)
 
 
-class LocalRateGate:
-    """The ``RateGate`` port within one process: a token bucket per key."""
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up: one bucket for every key
+    (a ``RateGate`` of its own; tests pace a channel with one)."""
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
-        self._new_bucket = functools.partial(TokenBucket, rate, burst, clock, sleep)
-        self.buckets: dict[str, TokenBucket] = {}
+        self._gate = LocalRateGate(rate, burst, clock, sleep)
 
-    def bucket(self, key: str) -> TokenBucket:
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets[key] = self._new_bucket()
-        return bucket
+    @property
+    def tokens(self) -> float:
+        """Tokens left now (negative: slots booked ahead)."""
+        return self._gate.buckets.level("", self._gate.clock())
 
-    async def acquire(self, key: str) -> None:
-        await self.bucket(key).acquire()
-
-
-class BucketGate:
-    """One given bucket for every key (tests pace a channel with a bucket of their own)."""
-
-    def __init__(self, bucket: TokenBucket) -> None:
-        self.bucket = bucket
-
-    async def acquire(self, key: str) -> None:
-        await self.bucket.acquire()
+    async def acquire(self, key: str = "") -> None:
+        await self._gate.acquire("")
 
 
 # One gate per (rate, burst) in this process, whatever channel objects point at it.
@@ -127,7 +105,7 @@ class BitrixChannel:
         self.base = webhook_url.rstrip("/") + "/"
         self.key = portal_key(webhook_url)
         if gate is None:
-            gate = BucketGate(bucket) if bucket is not None else local_gate(rate_per_s, burst)
+            gate = bucket if bucket is not None else local_gate(rate_per_s, burst)
         self.gate = gate
         self.client = client or httpx.AsyncClient(timeout=timeout_s)
         self.ping_cache_s = ping_cache_s

@@ -2,7 +2,8 @@
 
 A bucket holds up to ``capacity`` credits and gets ``refill`` credits back every
 ``interval_s`` (discrete refills, as the seed describes: "every 10 seconds"). A debit is
-granted in full or refused; a refusal says when enough credits will be back.
+granted in full or refused; a refusal says when enough credits will be back. The
+arithmetic is ``stages.buckets.TokenBuckets``, the same as the rate gates'.
 
 If a shard actor dies it is restarted empty: its users' buckets start full again. That is
 deliberate: the bank limits abuse, it is not a ledger, and losing it must not stop anyone
@@ -12,7 +13,6 @@ from talking. Gateways call one shard once per batch.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -20,49 +20,17 @@ from collections.abc import Sequence
 import ray
 
 from cluster.sharding import named_actor, shard_of
+from stages.buckets import TokenBuckets
 from stages.ports import Debit
 
-
-class Buckets:
-    """The token-bucket arithmetic, kept free of Ray so it can be tested directly."""
-
-    def __init__(self, capacity: int, refill: int, interval_s: float) -> None:
-        self.capacity = capacity
-        self.refill = refill
-        self.interval_s = interval_s
-        self._state: dict[str, tuple[float, float]] = {}  # user -> (tokens, last refill time)
-
-    def debit(self, user: str, cost: int, now: float) -> Debit:
-        tokens, last = self._state.get(user, (float(self.capacity), now))
-        periods = math.floor((now - last) / self.interval_s) if self.interval_s > 0 else 0
-        if periods > 0:
-            tokens = min(float(self.capacity), tokens + periods * self.refill)
-            last += periods * self.interval_s
-        if tokens >= cost:
-            tokens -= cost
-            self._state[user] = (tokens, last)
-            return Debit(True, int(tokens), 0.0)
-        self._state[user] = (tokens, last)
-        if cost > self.capacity or self.refill <= 0:
-            return Debit(False, int(tokens), float("inf"))
-        missing_periods = math.ceil((cost - tokens) / self.refill)
-        retry = last + missing_periods * self.interval_s - now
-        return Debit(False, int(tokens), max(retry, 0.0))
-
-    def forget_idle(self, now: float) -> None:
-        """Drop buckets that would be full anyway (keeps memory to active users)."""
-        full_after = self.interval_s * math.ceil(self.capacity / max(self.refill, 1))
-        for user in [u for u, (_, last) in self._state.items() if now - last > full_after]:
-            del self._state[user]
-
-    def __len__(self) -> int:
-        return len(self._state)
+# The bank's per-user buckets: the shared token-bucket arithmetic, keyed by user.
+Buckets = TokenBuckets
 
 
 @ray.remote
 class CreditShard:
     def __init__(self, capacity: int, refill: int, interval_s: float) -> None:
-        self.buckets = Buckets(capacity, refill, interval_s)
+        self.buckets = TokenBuckets(capacity, refill, interval_s)
         self.granted = 0
         self.refused = 0
         self._swept = time.monotonic()

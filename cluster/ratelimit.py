@@ -3,9 +3,10 @@
 Callers ask the actor for a slot once per request (``reserve``); the actor books the
 earliest slot the limit allows and answers how long the caller must wait for it. The
 caller sleeps locally, so the actor call is short and nothing waits inside the actor.
-The arithmetic is GCRA (a token bucket of ``burst`` refilled at ``rate`` per second, kept
-as one "theoretical arrival time" per key): over any window of ``w`` seconds at most
-``burst + rate * w`` slots are handed out for a key, whichever process asks.
+The arithmetic is GCRA (a token bucket of ``burst`` refilled one token every ``1 / rate``
+seconds, booked ahead into debt: ``stages.buckets.TokenBuckets.reserve``): over any window
+of ``w`` seconds at most ``burst + rate * w`` slots are handed out for a key, whichever
+process asks.
 
 The actor is restarted on failure with no memory: the first requests after a restart may
 use one more ``burst``. While it cannot be reached (dead, restarting, slower than
@@ -26,6 +27,7 @@ import ray
 from ray.exceptions import ActorDiedError
 
 from cluster.sharding import named_actor
+from stages.buckets import TokenBuckets
 from stages.ports import RateGate
 
 log = logging.getLogger("conveyor.ratelimit")
@@ -33,26 +35,29 @@ ACTOR_NAME = "conveyor-rate"
 
 
 class Slots:
-    """GCRA reservations per key, kept free of Ray so it can be tested directly."""
+    """GCRA reservations per key: one token bucket of ``burst`` refilled one token every
+    ``1 / rate`` seconds (``stages.buckets``), booked into debt. Free of Ray so it can be
+    tested directly."""
 
     def __init__(self) -> None:
-        self._tat: dict[str, float] = {}  # key -> theoretical arrival time of the next slot
+        self._buckets: dict[tuple[float, int], TokenBuckets] = {}  # one set per limit
         self.reserved: dict[str, int] = {}
 
     def reserve(self, key: str, rate: float, burst: int, now: float) -> float:
         """Books the earliest slot for ``key``; returns the seconds until it (0 = now)."""
-        interval = 1.0 / rate
-        tolerance = (max(1, burst) - 1) * interval
-        tat = max(self._tat.get(key, now), now)
-        at = max(now, tat - tolerance)
-        self._tat[key] = tat + interval
+        limit = (rate, max(1, burst))
+        buckets = self._buckets.get(limit)
+        if buckets is None:
+            buckets = self._buckets[limit] = TokenBuckets(limit[1], 1, 1.0 / rate)
         self.reserved[key] = self.reserved.get(key, 0) + 1
-        return at - now
+        return buckets.reserve(key, 1, now)
 
     def forget_idle(self, now: float) -> None:
         """Drop keys whose bucket is full again (their state is the default)."""
-        for key in [k for k, tat in self._tat.items() if tat <= now]:
-            del self._tat[key]
+        for limit, buckets in list(self._buckets.items()):
+            buckets.forget_idle(now)
+            if not len(buckets):
+                del self._buckets[limit]
 
 
 @ray.remote
