@@ -52,7 +52,7 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.client import WsClient, create_chat
+from client import WsClient, create_chat
 
 APP_NAME = "bench"
 HISTORY_PAGE = 500

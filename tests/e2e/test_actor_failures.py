@@ -7,7 +7,8 @@ import asyncio
 import pytest
 import ray
 
-from tests.client import WsClient, create_chat, user
+from client import WsClient, create_chat
+from tests.client import user
 from tests.conftest import App
 from tests.e2e.test_metrics_overload import scrape, total
 

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from adapters.objects import S3ObjectStore
-from tests.client import WsClient, chat_of_two, create_chat, user
+from client import WsClient, create_chat
+from tests.client import chat_of_two, user
 from tests.conftest import WEBHOOK_SECRET, App
 from tests.fake_clamd import EICAR
 

@@ -10,7 +10,8 @@ import httpx
 import pytest
 import websockets
 
-from tests.client import WsClient, chat_of_two, create_chat, user
+from client import WsClient, create_chat
+from tests.client import chat_of_two, user
 from tests.conftest import App
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.client import WsClient, chat_of_two, create_chat, user
+from client import WsClient, create_chat
+from tests.client import chat_of_two, user
 from tests.conftest import App
 
 pytestmark = pytest.mark.e2e

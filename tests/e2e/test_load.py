@@ -8,8 +8,9 @@ import httpx
 import pytest
 import ray
 
+from client import WsClient, create_chat
 from cluster.sharding import shard_of
-from tests.client import WsClient, chat_of_two, create_chat, user
+from tests.client import chat_of_two, user
 from tests.conftest import App
 from tests.e2e.test_metrics_overload import scrape, total
 

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.client import WsClient, chat_of_two, create_chat, user
+from client import WsClient, create_chat
+from tests.client import chat_of_two, user
 from tests.conftest import App
 
 pytestmark = pytest.mark.e2e

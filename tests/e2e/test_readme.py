@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from minio import Minio
 
-from tests.client import create_chat
+from client import create_chat
 from tests.conftest import App
 from tests.e2e.test_attachments import PNG, webhook
 

@@ -8,8 +8,9 @@ import pytest
 import websockets
 from ray import serve
 
+from client import WsClient
 from serve_app.app import build_graph
-from tests.client import WsClient, chat_of_two
+from tests.client import chat_of_two
 from tests.conftest import E2E_STAGE_OPTIONS, App
 
 pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]

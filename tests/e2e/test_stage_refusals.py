@@ -24,7 +24,7 @@ import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.client import WsClient, create_chat
+from client import WsClient, create_chat
 from tests.conftest import E2E_SETTINGS, App
 
 pytestmark = pytest.mark.e2e
