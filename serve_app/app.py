@@ -14,16 +14,19 @@ Stages not listed (``ack``) run inside the gateway, which holds the senders' soc
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray.serve import Application
 
 from deployments.gateway import Gateway
-from deployments.notifications import NotificationDispatcher
+from deployments.notifications.dispatcher import NotificationDispatcher
 from deployments.relay import OutboxRelay
 from deployments.stage_host import StageHost
-from serve_app.bootstrap import load_resolver
+from serve_app.bootstrap import ProcessWiring, load_resolver, migrate_now
 from settings import Settings
+
+log = logging.getLogger("conveyor.app")
 
 # Stages that run inside the gateway: they answer the sender or guard the entrance.
 GATEWAY_STAGES = {"ack", "debit_credits", "track"}
@@ -72,15 +75,19 @@ def build_graph(args: dict[str, Any] | None = None,
     hosts_arg = args.pop("hosts", None)
     settings = Settings(**args)
     hosts = plan_hosts(settings, topology, hosts_arg)
-    settings_args = settings.to_args()
+    # The schema is brought up to date once per deploy, here, not by every replica.
+    applied = migrate_now(settings)
+    if applied:
+        log.info("applied migrations %s", applied)
+    wiring = ProcessWiring(settings.to_args())
     by_host: dict[str, list[str]] = {}
     for stage, host in hosts.items():
         by_host.setdefault(host, []).append(stage)
     handles = {
-        host: StageHost.options(name=host, **options.get(host, {})).bind(settings_args, stages)
+        host: StageHost.options(name=host, **options.get(host, {})).bind(wiring, stages)
         for host, stages in by_host.items()
     }
-    handles["relay"] = OutboxRelay.options(**options.get("OutboxRelay", {})).bind(settings_args)
+    handles["relay"] = OutboxRelay.options(**options.get("OutboxRelay", {})).bind(wiring)
     notifier = NotificationDispatcher.options(
-        **options.get("NotificationDispatcher", {})).bind(settings_args)
-    return Gateway.options(**options.get("Gateway", {})).bind(settings_args, hosts, handles, notifier)
+        **options.get("NotificationDispatcher", {})).bind(wiring)
+    return Gateway.options(**options.get("Gateway", {})).bind(wiring, hosts, handles, notifier)

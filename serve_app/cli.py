@@ -24,9 +24,17 @@ def main(argv: list[str] | None = None) -> int:
                      help=f"role to grant (repeatable); default: {' '.join(DEFAULT_ROLES)}")
     tok.add_argument("--ttl", type=int, default=None, help="lifetime in seconds (negative: expired)")
     tok.add_argument("--name", default=None, help="display name claim")
+    sub.add_parser("migrate", help="apply pending database migrations (DATABASE_URL, or the "
+                                   "embedded PostgreSQL under the data directory) and exit")
     args = parser.parse_args(argv)
 
     settings = Settings()
+    if args.command == "migrate":
+        from serve_app.bootstrap import migrate_now
+
+        applied = migrate_now(settings)
+        print(f"applied {', '.join(applied)}" if applied else "schema is current")
+        return 0
     if args.command == "token":
         if settings.jwks_url:
             print("conveyor token: a JWKS issuer is configured (CONVEYOR_JWKS_URL); "

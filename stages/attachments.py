@@ -39,6 +39,7 @@ from stages.model import Envelope, Outcome
 from stages.ports import (
     AttachmentRecord,
     AttachmentStore,
+    Delivery,
     DeliveryHub,
     Directory,
     ObjectStore,
@@ -165,7 +166,7 @@ class _Refusals:
         if await self.attachments.finish(rec.id, env.meta["claim"], "rejected", reason):
             await self.objects.delete(ready_key(rec))
             await self.objects.delete(rec.object_key)
-            await self.hub.publish([([rec.uploader], {
+            await self.hub.publish([Delivery([rec.uploader], {
                 "type": "system", "event": "attachment_rejected",
                 "data": {"attachmentId": rec.id, "chatId": rec.chat_id, "code": code,
                          "reason": reason}})])

@@ -10,7 +10,6 @@ like a built-in stage, with the same ports; nothing in Conveyor itself changes.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
 from typing import Any
 
 from stages.analytics import Track
@@ -27,16 +26,10 @@ from stages.commands import PersistCommand, ValidateCommand
 from stages.load import DebitCredits
 from stages.notifications import register_notification_stages
 from stages.pipeline import Stage
+from stages.ports import Ports, need
 from stages.presence import FanoutPresence
 from stages.resolver import ConfigError, StageFactory, StageRegistry, StageSpec
 from stages.signals import DedupSignal, ForwardSignal, ValidateSignal
-
-
-def _port(ports: Mapping[str, Any], name: str, stage: str) -> Any:
-    try:
-        return ports[name]
-    except KeyError:
-        raise ConfigError(f"stage {stage!r} needs port {name!r}, which this host lacks") from None
 
 
 def _is_dotted(name: object) -> bool:
@@ -74,7 +67,7 @@ class PluginRegistry(StageRegistry):
         self.register(name, load_factory(name))
         return True
 
-    def build(self, spec: StageSpec, ports: Mapping[str, Any]) -> Stage:
+    def build(self, spec: StageSpec, ports: Ports) -> Stage:
         if spec.name not in self:
             raise ConfigError(f"unknown stage {spec.name!r}")
         return super().build(spec, ports)
@@ -82,64 +75,53 @@ class PluginRegistry(StageRegistry):
 
 def default_registry() -> StageRegistry:
     reg = PluginRegistry()
-    reg.register(
-        "validate_chat",
-        lambda o, p: ValidateChat(
-            _port(p, "directory", "validate_chat"), int(o.get("max_body_chars", 4000))
-        ),
-    )
-    reg.register("persist_chat", lambda o, p: PersistChat(_port(p, "store", "persist_chat")))
-    reg.register("ack", lambda o, p: Ack(_port(p, "acks", "ack")))
-    reg.register(
-        "deliver_chat",
-        lambda o, p: DeliverChat(_port(p, "hub", "deliver_chat"), _port(p, "store", "deliver_chat")),
-    )
-    reg.register("apply_receipts", lambda o, p: ApplyReceipts(_port(p, "store", "apply_receipts")))
-    reg.register(
-        "debit_credits",
-        lambda o, p: DebitCredits(_port(p, "credits", "debit_credits"),
-                                  _port(p, "notices", "debit_credits"), int(o.get("low_water", 5))),
-    )
+    reg.register("validate_chat", lambda o, p: ValidateChat(
+        need(p.directory, "directory", "validate_chat"), int(o.get("max_body_chars", 4000))))
+    reg.register("persist_chat", lambda o, p: PersistChat(need(p.store, "store", "persist_chat")))
+    reg.register("ack", lambda o, p: Ack(need(p.acks, "acks", "ack")))
+    reg.register("deliver_chat", lambda o, p: DeliverChat(
+        need(p.hub, "hub", "deliver_chat"), need(p.outbox, "outbox", "deliver_chat")))
+    reg.register("apply_receipts",
+                 lambda o, p: ApplyReceipts(need(p.store, "store", "apply_receipts")))
+    reg.register("debit_credits", lambda o, p: DebitCredits(
+        need(p.credits, "credits", "debit_credits"), need(p.notices, "notices", "debit_credits"),
+        int(o.get("low_water", 5)), p.outages))
     reg.register("validate_signal",
                  lambda o, p: ValidateSignal(int(o.get("max_payload_bytes", 16_384))))
-    reg.register("dedup_signal", lambda o, p: DedupSignal(_port(p, "dedup", "dedup_signal")))
-    reg.register("forward_signal", lambda o, p: ForwardSignal(_port(p, "hub", "forward_signal")))
-    reg.register(
-        "fanout_presence",
-        lambda o, p: FanoutPresence(_port(p, "contacts", "fanout_presence"),
-                                    _port(p, "hub", "fanout_presence")),
-    )
+    reg.register("dedup_signal", lambda o, p: DedupSignal(
+        need(p.dedup, "dedup", "dedup_signal"), p.outages))
+    reg.register("forward_signal",
+                 lambda o, p: ForwardSignal(need(p.hub, "hub", "forward_signal")))
+    reg.register("fanout_presence", lambda o, p: FanoutPresence(
+        need(p.contacts, "contacts", "fanout_presence"), need(p.hub, "hub", "fanout_presence")))
     reg.register("validate_command",
                  lambda o, p: ValidateCommand(int(o.get("max_body_chars", 4000))))
-    reg.register(
-        "persist_command",
-        lambda o, p: PersistCommand(_port(p, "store", "persist_command"),
-                                    _port(p, "directory", "persist_command")),
-    )
-    def limits(p: Mapping[str, Any]) -> Any:
-        return _port(p, "settings", "attachments")
-
+    reg.register("persist_command", lambda o, p: PersistCommand(
+        need(p.store, "store", "persist_command"),
+        need(p.directory, "directory", "persist_command")))
     reg.register("validate_attachment", lambda o, p: ValidateAttachment(
-        _port(p, "directory", "validate_attachment"),
-        int(o.get("max_bytes", limits(p).attachment_max_bytes)),
-        list(o.get("content_types", limits(p).attachment_types))))
+        need(p.directory, "directory", "validate_attachment"),
+        int(o.get("max_bytes", p.defaults.attachments.max_bytes)),
+        list(o.get("content_types", p.defaults.attachments.content_types))))
     reg.register("create_upload", lambda o, p: CreateUpload(
-        _port(p, "attachments", "create_upload"), _port(p, "objects", "create_upload"),
-        int(o.get("ttl_s", limits(p).attachment_upload_ttl_s))))
+        need(p.attachments, "attachments", "create_upload"),
+        need(p.objects, "objects", "create_upload"),
+        int(o.get("ttl_s", p.defaults.attachments.upload_ttl_s))))
     reg.register("verify_upload", lambda o, p: VerifyUpload(
-        _port(p, "attachments", "verify_upload"), _port(p, "objects", "verify_upload"),
-        _port(p, "hub", "verify_upload"), _port(p, "directory", "verify_upload"),
-        float(o.get("claim_lease_s", limits(p).attachment_claim_lease_s))))
+        need(p.attachments, "attachments", "verify_upload"),
+        need(p.objects, "objects", "verify_upload"), need(p.hub, "hub", "verify_upload"),
+        need(p.directory, "directory", "verify_upload"),
+        float(o.get("claim_lease_s", p.defaults.attachments.claim_lease_s))))
     reg.register("scan_attachment", lambda o, p: ScanAttachment(
-        _port(p, "attachments", "scan_attachment"), _port(p, "objects", "scan_attachment"),
-        _port(p, "hub", "scan_attachment"),
-        _port(p, "scanner", "scan_attachment") if o.get("antivirus", True) else None))
+        need(p.attachments, "attachments", "scan_attachment"),
+        need(p.objects, "objects", "scan_attachment"), need(p.hub, "hub", "scan_attachment"),
+        p.scanner if o.get("antivirus", True) else None))
     reg.register("finalize_attachment", lambda o, p: FinalizeAttachment(
-        _port(p, "attachments", "finalize_attachment"),
-        _port(p, "objects", "finalize_attachment")))
+        need(p.attachments, "attachments", "finalize_attachment"),
+        need(p.objects, "objects", "finalize_attachment")))
     reg.register("link_attachment", lambda o, p: LinkAttachment(
-        _port(p, "attachments", "link_attachment")))
-    reg.register("track", lambda o, p: Track(_port(p, "analytics", "track"),
+        need(p.attachments, "attachments", "link_attachment")))
+    reg.register("track", lambda o, p: Track(need(p.analytics, "analytics", "track"),
                                              str(o.get("event", "accepted"))))
     register_notification_stages(reg)
     return reg

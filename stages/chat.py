@@ -6,7 +6,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stages.model import Envelope, Outcome
-from stages.ports import AckSink, ChatDraft, DeliveryHub, Directory, MessageStore, Receipt
+from stages.ports import (
+    AckSink,
+    ChatDraft,
+    Delivery,
+    DeliveryHub,
+    Directory,
+    MessageStore,
+    Outbox,
+    Receipt,
+)
 
 MAX_ID_CHARS = 128
 
@@ -128,30 +137,30 @@ def message_frame(env: Envelope) -> dict[str, Any]:
 class DeliverChat:
     """Hands new messages to the hub for every member's live connections, then clears
     their outbox entries. Members without a connection get them on reconnect; a crash
-    before ``outbox_done`` leaves the entries for the relay (at-least-once)."""
+    before ``Outbox.done`` leaves the entries for the relay (at-least-once)."""
 
     name = "deliver_chat"
 
-    def __init__(self, hub: DeliveryHub, store: MessageStore) -> None:
+    def __init__(self, hub: DeliveryHub, outbox: Outbox) -> None:
         self.hub = hub
-        self.store = store
+        self.outbox = outbox
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
-        deliveries: list[tuple[Sequence[str], dict[str, Any]]] = []
+        deliveries: list[Delivery] = []
         outbox_ids: set[int] = set()
         for env in batch:
             if env.meta.get("duplicate"):
                 continue
             frame = dict(env.meta["frame"]) if "frame" in env.meta else message_frame(env)
-            # The origin connection already has its ack; the gateway skips it there.
-            frame["_origin"] = env.connection
-            deliveries.append((env.meta.get("members") or [env.sender], frame))
+            # The sender's own connection already has its ack: it is skipped there.
+            deliveries.append(Delivery(env.meta.get("members") or [env.sender], frame,
+                                       skip=env.connection))
             if env.meta.get("outboxId") is not None:
                 outbox_ids.add(int(env.meta["outboxId"]))
         if deliveries:
             await self.hub.publish(deliveries)
         if outbox_ids:
-            await self.store.outbox_done(sorted(outbox_ids))
+            await self.outbox.done(sorted(outbox_ids))
         return [Outcome.done(e) for e in batch]
 
 

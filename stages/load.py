@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from stages.model import Envelope, Outcome
-from stages.ports import CreditBank, Notices
+from stages.ports import CreditBank, Notices, Outages
 
 
 def crossed_low_water(remaining: int, cost: int, low_water: int) -> bool:
@@ -25,26 +25,25 @@ class DebitCredits:
     sender gets a ``system`` ``credits_exhausted`` frame. A debit that takes the bucket
     from ``low_water`` or more to below it: a ``system`` ``credits_low`` frame, once per
     crossing, not on every message sent below the mark. If the bank is unreachable,
-    messages pass (and ``meta.credits_unchecked`` is set): losing the bank must not stop
-    the service.
+    messages pass (reported to ``outages``): losing the bank must not stop the service.
     """
 
     name = "debit_credits"
 
-    def __init__(self, bank: CreditBank, notices: Notices, low_water: int = 5) -> None:
+    def __init__(self, bank: CreditBank, notices: Notices, low_water: int = 5,
+                 outages: Outages | None = None) -> None:
         self.bank = bank
         self.notices = notices
         self.low_water = low_water
-        self.unavailable = 0
+        self.outages = outages
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         requests = [(e.sender, int(e.meta.get("cost", 1))) for e in batch]
         try:
             answers = await self.bank.debit(requests)
         except Exception:
-            self.unavailable += 1
-            for e in batch:
-                e.meta["credits_unchecked"] = True
+            if self.outages is not None:
+                self.outages.unavailable("credits", self.name, len(batch))
             return [Outcome.ok(e) for e in batch]
         out: list[Outcome] = []
         warned: set[tuple[str | None, str]] = set()  # one notice per connection and event

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from stages.model import Envelope, Outcome
-from stages.ports import Contacts, DeliveryHub
+from stages.ports import Contacts, Delivery, DeliveryHub
 
 
 class FanoutPresence:
@@ -21,11 +20,11 @@ class FanoutPresence:
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         who = await self.contacts.contacts(sorted({e.sender for e in batch}))
-        deliveries: list[tuple[Sequence[str], dict[str, Any]]] = []
+        deliveries: list[Delivery] = []
         for env in batch:
             audience = sorted(who.get(env.sender, frozenset()) - {env.sender})
             if audience:
-                deliveries.append((audience, {
+                deliveries.append(Delivery(audience, {
                     "type": "system", "event": "presence",
                     "data": {"userId": env.sender, "online": bool(env.fields.get("online")),
                              "lastSeen": env.fields.get("lastSeen")},

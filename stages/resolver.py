@@ -17,6 +17,7 @@ import yaml
 
 from stages.model import Envelope
 from stages.pipeline import Pipeline, Stage
+from stages.ports import Ports
 
 
 class ConfigError(ValueError):
@@ -63,7 +64,6 @@ class TypeSpec:
         return self.stages if route < 0 else self.variants[route].stages
 
 
-Ports = Mapping[str, Any]
 StageFactory = Callable[[Mapping[str, Any], Ports], Stage]
 
 

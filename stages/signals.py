@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import orjson
 
 from stages.model import Envelope, Outcome
-from stages.ports import DedupWindow, DeliveryHub
+from stages.ports import DedupWindow, Delivery, DeliveryHub, Outages
 
 log = logging.getLogger("conveyor.signals")
 MAX_USER_ID = 128
@@ -43,28 +42,29 @@ class ValidateSignal:
 class DedupSignal:
     """Marks a repeated (sender, id) within the window as a duplicate: acked, not forwarded.
 
-    If the window cannot be reached, every signal counts as first seen (and
-    ``meta.dedup_unchecked`` is set), as the credits stage does with the bank: a resent
+    If the window (or a shard of it) cannot be reached, its signals count as first seen
+    and are reported to ``outages``, as the credits stage does with the bank: a resent
     signal may then be forwarded twice, but losing the window never drops a signal."""
 
     name = "dedup_signal"
 
-    def __init__(self, window: DedupWindow) -> None:
+    def __init__(self, window: DedupWindow, outages: Outages | None = None) -> None:
         self.window = window
-        self.unavailable = 0
+        self.outages = outages
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
+        answers: list[bool | None]
         try:
-            first = await self.window.first_seen([f"{e.sender}\x1f{e.id}" for e in batch])
+            answers = list(await self.window.first_seen([f"{e.sender}\x1f{e.id}" for e in batch]))
         except Exception as exc:
-            self.unavailable += 1
             log.warning("dedup window unreachable (%r): %d signals pass unchecked",
                         exc, len(batch))
-            first = [True] * len(batch)
-            for env in batch:
-                env.meta["dedup_unchecked"] = True
-        for env, new in zip(batch, first, strict=True):
-            env.meta["duplicate"] = not new
+            answers = [None] * len(batch)
+        unchecked = sum(1 for a in answers if a is None)
+        if unchecked and self.outages is not None:
+            self.outages.unavailable("dedup", self.name, unchecked)
+        for env, new in zip(batch, answers, strict=True):
+            env.meta["duplicate"] = new is False
         return [Outcome.ok(e) for e in batch]
 
 
@@ -77,9 +77,9 @@ class ForwardSignal:
         self.hub = hub
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
-        deliveries: list[tuple[Sequence[str], dict[str, Any]]] = [
-            ([e.fields["to"]], {"type": "signal", "id": e.id, "from": e.sender,
-                                "payload": e.fields["payload"]})
+        deliveries = [
+            Delivery([e.fields["to"]], {"type": "signal", "id": e.id, "from": e.sender,
+                                        "payload": e.fields["payload"]})
             for e in batch if not e.meta.get("duplicate")
         ]
         if deliveries:

@@ -52,7 +52,8 @@ def new_database(pg: Any) -> Any:
 
 @pytest.fixture
 async def db_pool(new_database: Any) -> AsyncIterator[asyncpg.Pool]:
-    from adapters.postgres import migrate, open_pool
+    from adapters.postgres.connect import open_pool
+    from adapters.postgres.migrations import migrate
 
     pool = await open_pool(new_database(), 1, 8)
     await migrate(pool)

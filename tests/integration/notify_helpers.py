@@ -4,14 +4,12 @@ JWKS server (Keycloak-style RS256 keys), and the gateway's readiness endpoint.""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -26,12 +24,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapters.auth import DevKey, JwtVerifier
-from adapters.notifications_store import NotificationsStore
+from adapters.postgres.notifications import NotificationsStore
+from deployments.gateway.health_api import HealthApi
 from deployments.middleware import EXCEPTION_HANDLERS, wrap
-from deployments.notifications import NotificationApi
-from serve_app.bootstrap import load_resolver
+from deployments.notifications.api import NotificationApi
+from deployments.notifications.kick import HandleKick
+from serve_app.bootstrap import load_resolver, stage_defaults
+from serve_app.openapi import docs_routes
 from settings import Settings
 from stages.builtin import default_registry
+from stages.ports import Ports
 
 ISSUER = "http://keycloak.test/realms/conveyor"
 
@@ -72,42 +74,47 @@ class RecordingHandle:
 async def build_api(pool: asyncpg.Pool, data_dir: Path, store: Any = None,
                     verifier: JwtVerifier | None = None, **overrides: Any
                     ) -> tuple[Any, NotificationApi, RecordingHandle, DevKey]:
+    """The notification API as the gateway mounts it, wired as the composition root wires
+    it (the pipeline of pipelines.yaml, the channels' readiness checks), on the test's
+    database, with a recording stand-in for the dispatcher's handle."""
     settings = Settings(data_dir=data_dir, **overrides)
     store = store or NotificationsStore(pool)
-    services = SimpleNamespace(
-        pool=pool, extra={"notification_store": store}, registry=default_registry(),
-        settings=settings,
-    )
-    services.resolver = load_resolver(settings, services.registry)
-    services.ports = lambda **more: {"settings": settings, **services.extra, **more}
     key = DevKey(data_dir)
     if verifier is None:
         verifier = JwtVerifier(issuer="conveyor-dev", audience="conveyor", client_id="conveyor",
                                dev_key=key)
     handle = RecordingHandle()
-    api = await NotificationApi.open(settings, services, verifier, dispatcher=handle)
-    routes = [*api.routes(), Route("/health/ready", gateway_ready(pool, data_dir, api), methods=["GET"])]
+    registry = default_registry()
+    ports = Ports(notification_store=store, notification_dispatch=HandleKick(handle),
+                  defaults=stage_defaults(settings))
+    pipeline = load_resolver(settings, registry).pipeline("notification", registry, ports)
+    api = NotificationApi(settings, store, pipeline, verifier)
+    routes = [*api.routes(), *docs_routes(settings),
+              *HealthApi(lambda: ready_checks(pool, data_dir, settings, verifier, handle)).routes()]
     app = wrap(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS),
                timeout_s=settings.request_timeout_s, max_body_bytes=settings.max_request_bytes)
     return app, api, handle, key
 
 
-def gateway_ready(pool: asyncpg.Pool, data_dir: Path, api: NotificationApi) -> Any:
-    """The gateway's own ``/health/ready`` handler (``Gateway.ready``, unchanged) bound to
-    a stand-in gateway whose database is the test's and whose notification API is ``api``."""
+def ready_checks(pool: asyncpg.Pool, data_dir: Path, settings: Settings,
+                 verifier: JwtVerifier, handle: Any) -> dict[str, Any]:
+    """The gateway's readiness checks as the composition root builds them, on the test's
+    database and a local object store (the hub is a stand-in that answers)."""
     from adapters.objects import LocalObjectStore
-    from deployments.gateway import Gateway
+    from adapters.postgres.chats import PostgresChats
+    from serve_app.bootstrap import channels
 
-    class Hub:
-        async def stats(self) -> list[dict[str, Any]]:
-            return []
+    async def hub_stats() -> list[dict[str, Any]]:
+        return []
 
     (data_dir / "objects").mkdir(parents=True, exist_ok=True)
-    standin = SimpleNamespace(
-        _ensure_started=lambda: None, store=NotificationsStore(pool), hub=Hub(),
-        services=SimpleNamespace(objects=LocalObjectStore(data_dir / "objects", "http://api", b"s")),
-        handles={}, notifications=api)
-    return functools.partial(Gateway.func_or_class.ready, standin)
+    _, checks = channels(settings)
+    checks.update(database=PostgresChats(pool).ping, hub=hub_stats,
+                  objects=LocalObjectStore(data_dir / "objects", "http://api", b"s").ping,
+                  notification_dispatcher=lambda: handle.ping.remote())
+    if verifier.jwks is not None:
+        checks["jwks"] = verifier.jwks.check
+    return checks
 
 
 def token(key: DevKey, user: str = "user-123", roles: list[str] | None = None, ttl_s: int = 600,

@@ -18,7 +18,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from adapters.auth import JwksKeys, JwtVerifier
-from adapters.notifications_store import NotificationsStore
+from adapters.postgres.notifications import NotificationsStore
 from tests.integration.notify_helpers import (
     ISSUER,
     Key,
@@ -294,7 +294,7 @@ async def test_idempotency_key_replays_and_refuses_reuse(api: Any, db_pool: asyn
     await asyncio.sleep(0)
     assert len(handle.kicked) == 2  # one hand-off per accepted request, none for the replay
     # in flight: another request holds the key
-    from deployments.notifications import request_hash
+    from deployments.notifications.api import request_hash
 
     same = request_hash(json.dumps(SEED_SINGLE).encode())
     await api_obj.store.idempotency_begin("user-123", "k-2", same, 3600, 60)

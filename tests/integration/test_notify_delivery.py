@@ -27,9 +27,9 @@ from starlette.routing import Route
 
 from adapters.bitrix import BitrixChannel, TokenBucket
 from adapters.mailfiles import MailDirChannel
-from adapters.notifications_store import NotificationsStore
+from adapters.postgres.notifications import NotificationsStore
 from adapters.smtp import SmtpChannel
-from deployments.notifications import DispatchEngine
+from deployments.notifications.engine import DispatchEngine
 from stages.notifications import (
     CircuitBreaker,
     Delivery,

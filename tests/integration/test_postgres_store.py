@@ -7,8 +7,29 @@ from typing import Any
 
 import asyncpg
 
-from adapters.postgres import CachedDirectory, PostgresAttachments, PostgresStore, migrate
+from adapters.cached_directory import CachedDirectory
+from adapters.postgres.attachments import PostgresAttachments
+from adapters.postgres.chats import PostgresChats
+from adapters.postgres.messages import PostgresMessages
+from adapters.postgres.migrations import migrate
+from adapters.postgres.outbox import PostgresOutbox
 from stages.ports import AttachmentRecord, ChatDraft, Receipt
+
+
+class PostgresStore:
+    """The per-aggregate adapters on one pool, addressed as one in these tests."""
+
+    def __init__(self, pool: Any) -> None:
+        self.chats = PostgresChats(pool)
+        self.messages = PostgresMessages(pool)
+        self.outbox = PostgresOutbox(pool)
+
+    def __getattr__(self, name: str) -> Any:
+        for part in (self.chats, self.messages):
+            if hasattr(part, name):
+                return getattr(part, name)
+        raise AttributeError(name)
+
 
 
 def draft(chat: str, client: str, sender: str = "alice", body: str = "hi") -> ChatDraft:
@@ -115,13 +136,13 @@ async def test_outbox_entries_left_behind_are_claimed_once_and_then_leased(
     store = PostgresStore(db_pool)
     chat = await store.create_chat("alice", ["bob"], None)
     done = await store.persist([draft(chat, "delivered")])
-    await store.outbox_done([done[0].outbox_id or 0])
+    await store.outbox.done([done[0].outbox_id or 0])
     await store.persist([draft(chat, "stuck-1"), draft(chat, "stuck-2")])
-    assert await store.claim_outbox(grace_s=60, limit=10) == []  # still within the grace period
-    claimed = await store.claim_outbox(grace_s=0, limit=10)
+    assert await store.outbox.claim(grace_s=60, limit=10) == []  # still within the grace period
+    claimed = await store.outbox.claim(grace_s=0, limit=10)
     assert len(claimed) == 1 and [m.seq for m in claimed[0][1]] == [2, 3]
-    assert await store.claim_outbox(grace_s=0, limit=10) == []  # leased
-    n, age = await store.outbox_stats()
+    assert await store.outbox.claim(grace_s=0, limit=10) == []  # leased
+    n, age = await store.outbox.stats()
     assert n == 1 and age >= 0
 
 
@@ -132,11 +153,11 @@ async def test_directory_caches_members(db_pool: asyncpg.Pool) -> None:
     assert await directory.members([chat, "missing"]) == {chat: frozenset({"alice", "bob"})}
     await db_pool.execute("INSERT INTO chat_members(chat_id, user_id) VALUES ($1, 'carol')", chat)
     assert await directory.members([chat]) == {chat: frozenset({"alice", "bob"})}
-    assert (await CachedDirectory(store, ttl_s=0).members([chat]))[chat] == {"alice", "bob", "carol"}
+    assert (await CachedDirectory(store.chats, ttl_s=0).members([chat]))[chat] == {"alice", "bob", "carol"}
 
 
 async def test_embedded_postgres_default_starts_and_keeps_data(tmp_path: Any) -> None:
-    from adapters.postgres import open_pool, resolve_dsn
+    from adapters.postgres.connect import open_pool, resolve_dsn
 
     dsn = await resolve_dsn(None, tmp_path)
     pool = await open_pool(dsn)

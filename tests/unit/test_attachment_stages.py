@@ -18,6 +18,7 @@ from stages.attachments import (
 )
 from stages.model import Envelope, Outcome, Verdict
 from stages.ports import AttachmentRecord, ObjectInfo, ScanLimitExceeded
+from tests.fakes import FakeHub
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(40)
 
@@ -92,14 +93,6 @@ class FakeAttachments:
         rec = self.rows[attachment_id]
         if rec.message_id is None:
             self.rows[attachment_id] = replace(rec, message_id=message_id)
-
-
-class FakeHub:
-    def __init__(self) -> None:
-        self.published: list[tuple[Sequence[str], dict[str, Any]]] = []
-
-    async def publish(self, deliveries: Sequence[tuple[Sequence[str], dict[str, Any]]]) -> None:
-        self.published.extend(deliveries)
 
 
 class FakeDirectory:
@@ -195,7 +188,8 @@ async def test_refusals_delete_both_objects_and_tell_the_uploader() -> None:
     stage, out = await p.run(event(rec))
     assert (stage, out.code) == ("scan_attachment", "type_mismatch")
     assert p.store.rows[rec.id].state == "rejected" and p.objects.data == {}
-    ((to, frame),) = p.hub.published
+    (sent,) = p.hub.published
+    to, frame = sent.users, sent.frame
     assert to == ["alice"] and frame["event"] == "attachment_rejected"
     assert frame["data"]["code"] == "type_mismatch" and "x-msdownload" in frame["data"]["reason"]
 

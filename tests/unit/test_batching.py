@@ -9,8 +9,9 @@ from typing import Any
 
 from ray.serve.exceptions import BackPressureError
 
-from deployments.connection import Connection
-from deployments.runner import PipelineRunner, RunProgress, TypeBatcher
+from deployments.batcher import TypeBatcher
+from deployments.gateway.connection import Connection
+from deployments.pipeline_runner import PipelineRunner, RunProgress
 from stages.model import Envelope, Outcome, Verdict
 from stages.resolver import Resolver, StageRegistry, StageSpec, TypeSpec
 
@@ -210,7 +211,7 @@ async def test_a_droppable_batch_refused_by_a_host_is_dropped_against_that_host(
 
 
 async def test_a_failing_host_is_named_in_the_error_a_direct_run_raises() -> None:
-    from deployments.runner import SegmentFailed, blame
+    from deployments.pipeline_runner import SegmentFailed, blame
 
     runner, _, _, _ = runner_with({"invalid": [TimeoutError()]})
     batch = [env(1)]
@@ -230,7 +231,7 @@ async def test_a_failing_host_is_named_in_the_error_a_direct_run_raises() -> Non
 # --- overload notices, once per episode --------------------------------------------------
 
 def test_overload_is_announced_once_per_episode_per_connection() -> None:
-    conn = Connection(None, "u", None, queue_size=4,  # type: ignore[arg-type]
+    conn = Connection(None, "u", None, None, queue_size=4,  # type: ignore[arg-type]
                       implicit_receipt=lambda u, m: None)
     assert conn.overload_started("chat")  # first frame that waits: tell the client
     assert not conn.overload_started("chat")  # still the same episode
@@ -243,7 +244,7 @@ def test_overload_is_announced_once_per_episode_per_connection() -> None:
 
 def test_frames_a_full_socket_queue_drops_are_reported() -> None:
     dropped: list[tuple[str, str]] = []
-    conn = Connection(None, "u", None, queue_size=2,  # type: ignore[arg-type]
+    conn = Connection(None, "u", None, None, queue_size=2,  # type: ignore[arg-type]
                       implicit_receipt=lambda u, m: None,
                       on_drop=lambda t, r: dropped.append((t, r)))
     for i in range(4):

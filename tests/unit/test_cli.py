@@ -25,7 +25,9 @@ def conveyor(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProc
 
 
 def verifier(data_dir: Path) -> JwtVerifier:
-    return JwtVerifier.from_settings(Settings(data_dir=data_dir))
+    from serve_app.bootstrap import verifier
+
+    return verifier(Settings(data_dir=data_dir))
 
 
 async def test_token_prints_one_line_the_app_accepts_with_every_default_role(tmp_path: Path) -> None:

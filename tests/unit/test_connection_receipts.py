@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
-from deployments import connection as connection_module
-from deployments.connection import Connection
+from deployments.gateway import connection as connection_module
+from deployments.gateway.connection import Connection
 from stages.ports import Pointer
 
 
@@ -31,7 +31,7 @@ def message(seq: int, stored_ago_s: float) -> dict[str, Any]:
 
 async def open_connection() -> tuple[Connection, Socket]:
     ws = Socket()
-    conn = Connection(ws, "bob", store=None, queue_size=64,  # type: ignore[arg-type]
+    conn = Connection(ws, "bob", None, None, queue_size=64,  # type: ignore[arg-type]
                       implicit_receipt=lambda user, mid: None)
     conn.init_chats([Pointer("c", 0, 0, 0)])
     conn.start()

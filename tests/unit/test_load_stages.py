@@ -12,9 +12,10 @@ from cluster.credits import Buckets
 from cluster.dedup import Window
 from stages.load import DebitCredits, crossed_low_water
 from stages.model import Envelope, Verdict
-from stages.ports import Debit
+from stages.ports import Debit, Delivery
 from stages.presence import FanoutPresence
 from stages.signals import DedupSignal, ForwardSignal, ValidateSignal
+from tests.fakes import FakeBank, FakeDedup, FakeHub, FakeNotices, FakeOutages
 
 
 def test_bucket_refills_every_interval_and_says_when_to_retry() -> None:
@@ -38,35 +39,14 @@ def test_dedup_window_remembers_keys_until_they_expire() -> None:
     assert w.first_seen(["a", "c"], 5.1) == [True, True]
 
 
-class Bank:
-    def __init__(self, answers: list[Debit] | None = None, fail: bool = False) -> None:
-        self.answers = answers or []
-        self.fail = fail
-        self.calls: list[list[tuple[str, int]]] = []
-
-    async def debit(self, requests: Sequence[tuple[str, int]]) -> list[Debit]:
-        self.calls.append(list(requests))
-        if self.fail:
-            raise ConnectionError("bank is gone")
-        return self.answers
-
-
-class Notices:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str | None, str, dict[str, Any]]] = []
-
-    def notify(self, connection: str | None, event: str, data: Mapping[str, Any]) -> None:
-        self.sent.append((connection, event, dict(data)))
-
-
 def msg(i: int, conn: str = "c1", cost: int = 1) -> Envelope:
     return Envelope(type="chat", id=str(i), sender="alice", connection=conn, meta={"cost": cost})
 
 
 async def test_credits_reject_with_retry_after_and_warn_once_per_connection() -> None:
     # 6 → 5 → 3 (cost 2: crosses the low-water mark 5) → refused.
-    bank = Bank([Debit(True, 5, 0), Debit(True, 3, 0), Debit(False, 3, 7.5)])
-    notices = Notices()
+    bank = FakeBank([Debit(True, 5, 0), Debit(True, 3, 0), Debit(False, 3, 7.5)])
+    notices = FakeNotices()
     out = await DebitCredits(bank, notices, low_water=5).process([msg(1), msg(2, cost=2), msg(3)])
     assert bank.calls == [[("alice", 1), ("alice", 2), ("alice", 1)]]
     assert [o.verdict for o in out] == [Verdict.CONTINUE, Verdict.CONTINUE, Verdict.REJECT]
@@ -76,15 +56,15 @@ async def test_credits_reject_with_retry_after_and_warn_once_per_connection() ->
 
 
 async def test_credits_low_is_sent_when_the_bucket_crosses_the_mark_not_below_it() -> None:
-    notices = Notices()
-    stage = DebitCredits(Bank(), notices, low_water=10)
+    notices = FakeNotices()
+    stage = DebitCredits(FakeBank(), notices, low_water=10)
     # Batch after batch, one message each: 11, 10 (at the mark), 9 (crossed), 8, 7.
     for remaining in (11, 10, 9, 8, 7):
-        stage.bank = Bank([Debit(True, remaining, 0)])
+        stage.bank = FakeBank([Debit(True, remaining, 0)])
         await stage.process([msg(remaining)])
     assert notices.sent == [("c1", "credits_low", {"remaining": 9})]
     # A refill brings it back above the mark; the next crossing warns again.
-    stage.bank = Bank([Debit(True, 99, 0), Debit(True, 10, 0), Debit(True, 9, 0)])
+    stage.bank = FakeBank([Debit(True, 99, 0), Debit(True, 10, 0), Debit(True, 9, 0)])
     await stage.process([msg(1), msg(2), msg(3)])
     assert notices.sent[1:] == [("c1", "credits_low", {"remaining": 9})]
     assert crossed_low_water(3, 5, 5) and not crossed_low_water(3, 1, 5)
@@ -92,36 +72,17 @@ async def test_credits_low_is_sent_when_the_bucket_crosses_the_mark_not_below_it
 
 
 async def test_credits_exhausted_notice_and_bank_outage_lets_messages_through() -> None:
-    notices = Notices()
-    out = await DebitCredits(Bank([Debit(True, 4, 0), Debit(False, 0, 2.0), Debit(False, 0, 2.0)]),
+    notices = FakeNotices()
+    out = await DebitCredits(FakeBank([Debit(True, 4, 0), Debit(False, 0, 2.0), Debit(False, 0, 2.0)]),
                              notices).process([msg(1), msg(2), msg(3)])
     assert [o.verdict for o in out] == [Verdict.CONTINUE, Verdict.REJECT, Verdict.REJECT]
     assert notices.sent == [("c1", "credits_low", {"remaining": 4}),
                             ("c1", "credits_exhausted", {"retryAfter": 2.0})]
-    stage = DebitCredits(Bank(fail=True), Notices())
+    outages = FakeOutages()
+    stage = DebitCredits(FakeBank(fail=True), FakeNotices(), outages=outages)
     out = await stage.process([msg(1), msg(2)])
-    assert all(o.verdict is Verdict.CONTINUE for o in out) and stage.unavailable == 1
-    assert out[0].envelope.meta["credits_unchecked"]
-
-
-class Hub:
-    def __init__(self) -> None:
-        self.published: list[tuple[Sequence[str], dict[str, Any]]] = []
-
-    async def publish(self, deliveries: Sequence[tuple[Sequence[str], dict[str, Any]]]) -> None:
-        self.published.extend(deliveries)
-
-
-class Dedup:
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-
-    async def first_seen(self, keys: Sequence[str]) -> list[bool]:
-        out = []
-        for k in keys:
-            out.append(k not in self.seen)
-            self.seen.add(k)
-        return out
+    assert all(o.verdict is Verdict.CONTINUE for o in out)
+    assert outages.reports == [("credits", "debit_credits", 2)]
 
 
 def signal(i: str, to: Any = "bob", payload: Any = None) -> Envelope:
@@ -134,14 +95,14 @@ async def test_signal_route_validates_dedups_and_forwards_once() -> None:
         [signal("1"), signal("2", to=""), signal("3", payload="text"),
          signal("4", payload={"x": "y" * 60})])
     assert [o.code for o in valid] == [None, "invalid", "invalid", "invalid"]
-    dedup, hub = Dedup(), Hub()
+    dedup, hub = FakeDedup(), FakeHub()
     batch = [signal("1"), signal("1"), signal("2")]
     marked = [o.envelope for o in await DedupSignal(dedup).process(batch)]
     assert [e.meta["duplicate"] for e in marked] == [False, True, False]
     await ForwardSignal(hub).process(marked)
     assert hub.published == [
-        (["bob"], {"type": "signal", "id": "1", "from": "alice", "payload": {"sdp": "x"}}),
-        (["bob"], {"type": "signal", "id": "2", "from": "alice", "payload": {"sdp": "x"}}),
+        Delivery(["bob"], {"type": "signal", "id": "1", "from": "alice", "payload": {"sdp": "x"}}),
+        Delivery(["bob"], {"type": "signal", "id": "2", "from": "alice", "payload": {"sdp": "x"}}),
     ]
 
 
@@ -150,11 +111,12 @@ async def test_an_unreachable_dedup_window_lets_signals_through() -> None:
         async def first_seen(self, keys: Sequence[str]) -> list[bool]:
             raise ConnectionError("dedup shard is restarting")
 
-    stage = DedupSignal(Gone())
+    outages = FakeOutages()
+    stage = DedupSignal(Gone(), outages)
     out = await stage.process([signal("1"), signal("2")])
     assert [o.verdict for o in out] == [Verdict.CONTINUE, Verdict.CONTINUE]
     assert [o.envelope.meta["duplicate"] for o in out] == [False, False]
-    assert out[0].envelope.meta["dedup_unchecked"] and stage.unavailable == 1
+    assert outages.reports == [("dedup", "dedup_signal", 2)]
 
 
 async def test_a_dead_dedup_shard_answers_first_seen_for_its_keys_only() -> None:
@@ -175,14 +137,21 @@ async def test_a_dead_dedup_shard_answers_first_seen_for_its_keys_only() -> None
             self.first_seen = Method(first_seen)
 
     client = DedupClient.__new__(DedupClient)
-    client.n, client.unavailable = 2, 0
+    client.n = 2
     client.actors = [Shard(Window(60.0)), Shard(None)]
     keys = [f"k{i}" for i in range(8)]
     await client.first_seen(keys)
     again = await client.first_seen(keys)
-    # Keys of the live shard are duplicates now; those of the dead one pass as new.
-    assert again == [shard_of(k, 2) == 1 for k in keys]
-    assert client.unavailable == 2 and {shard_of(k, 2) for k in keys} == {0, 1}
+    # Keys of the live shard are duplicates now; those of the dead one are unchecked
+    # (None), which the stage lets through as new and reports as an outage.
+    assert again == [None if shard_of(k, 2) == 1 else False for k in keys]
+    assert {shard_of(k, 2) for k in keys} == {0, 1}
+    outages = FakeOutages()
+    envs = [Envelope(type="signal", id=k, sender="alice") for k in keys]
+    client.first_seen = lambda _keys: asyncio.sleep(0, again)  # type: ignore[method-assign]
+    marked = [o.envelope for o in await DedupSignal(client, outages).process(envs)]
+    assert [e.meta["duplicate"] for e in marked] == [a is False for a in again]
+    assert outages.reports == [("dedup", "dedup_signal", again.count(None))]
 
 
 async def test_a_reaped_gateways_users_go_offline_at_the_next_pull() -> None:
@@ -195,7 +164,7 @@ async def test_a_reaped_gateways_users_go_offline_at_the_next_pull() -> None:
     hub._reaped_at = 0.0  # reaping is rate-limited to once a second
     await hub.attach("live", [("c5", "bob")])  # bob came back on another replica
     got = await hub.pull("live", 0.5)
-    assert got == [(["alice"], {"type": OFFLINE, "lastSeen": {"alice": hub.last_seen["alice"]}})]
+    assert got == [Delivery(["alice"], {"type": OFFLINE, "lastSeen": {"alice": hub.last_seen["alice"]}})]
     assert await hub.pull("ghost", 0.0) is None  # the dead replica must attach again
     assert [u for u, online, _ in await hub.presence(["alice", "bob"]) if online] == ["bob"]
     assert await hub.pull("live", 0.05) == []  # handed out once
@@ -206,9 +175,9 @@ async def test_a_full_hub_mailbox_sheds_the_oldest_frames_and_counts_them_by_typ
 
     hub = ConnectionHub.__ray_metadata__.modified_class(0, mailbox_limit=2)
     await hub.attach("g", [("c1", "bob")])
-    await hub.publish([(["bob"], {"type": "signal", "id": "1"}),
-                       (["bob"], {"type": "message", "seq": 1}),
-                       (["bob"], {"type": "message", "seq": 2})])
+    await hub.publish([Delivery(["bob"], {"type": "signal", "id": "1"}),
+                       Delivery(["bob"], {"type": "message", "seq": 1}),
+                       Delivery(["bob"], {"type": "message", "seq": 2})])
     stats = await hub.stats()
     assert stats["shed"] == 1 and stats["shed_by_type"] == {"signal": 1}
     got = await hub.pull("g", 0.0)
@@ -220,13 +189,13 @@ async def test_presence_goes_to_everyone_sharing_a_chat_but_the_user() -> None:
         async def contacts(self, user_ids: Sequence[str]) -> Mapping[str, frozenset[str]]:
             return {"alice": frozenset({"alice", "bob", "carol"})}
 
-    hub = Hub()
+    hub = FakeHub()
     env = Envelope(type="presence", id="p", sender="alice",
                    fields={"online": True, "lastSeen": "2026-01-01T00:00:00Z"})
     lonely = Envelope(type="presence", id="q", sender="dave", fields={"online": False})
     out = await FanoutPresence(Contacts(), hub).process([env, lonely])
     assert all(o.verdict is Verdict.DONE for o in out)
-    assert hub.published == [(["bob", "carol"], {
+    assert hub.published == [Delivery(["bob", "carol"], {
         "type": "system", "event": "presence",
         "data": {"userId": "alice", "online": True, "lastSeen": "2026-01-01T00:00:00Z"}})]
 

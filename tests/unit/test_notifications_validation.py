@@ -154,15 +154,17 @@ def test_limits_are_configurable() -> None:
 
 
 def test_registered_validation_reads_its_limits_from_settings() -> None:
+    from serve_app.bootstrap import stage_defaults
     from settings import Settings
     from stages.notifications import register_notification_stages
+    from stages.ports import Ports
 
     reg = StageRegistry()
     register_notification_stages(reg)
-    stage = reg.build(StageSpec("validate_notification"), {
-        "settings": Settings(notification_max_contacts=3, notification_max_message_chars=50)})
+    settings = Settings(notification_max_contacts=3, notification_max_message_chars=50)
+    stage = reg.build(StageSpec("validate_notification"), Ports(defaults=stage_defaults(settings)))
     assert isinstance(stage, ValidateNotification) and stage.limits == Limits(3, 50)
-    other = reg.build(StageSpec("validate_notification", {"max_contacts": 4}), {})
+    other = reg.build(StageSpec("validate_notification", {"max_contacts": 4}), Ports())
     assert isinstance(other, ValidateNotification) and other.limits == Limits(4)
 
 

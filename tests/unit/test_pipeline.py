@@ -8,6 +8,7 @@ import pytest
 
 from stages.model import Envelope, Outcome, Verdict
 from stages.pipeline import Pipeline, StageError
+from stages.ports import Ports
 from stages.resolver import ConfigError, Resolver, StageRegistry, UnknownType
 
 
@@ -93,7 +94,7 @@ def test_resolver_reads_types_stages_options_and_variants() -> None:
     assert chat.route(broadcast) == 0
     assert [s.name for s in chat.stages_for(0)] == ["a", "c"]
     assert chat.route(env(1)) == -1
-    pipe = res.pipeline("chat", registry(), {}, route=0)
+    pipe = res.pipeline("chat", registry(), Ports(), route=0)
     assert pipe.names == ["a", "c"]
     with pytest.raises(UnknownType):
         res.spec("nope")

@@ -9,7 +9,9 @@ import pytest
 
 from stages.builtin import default_registry
 from stages.model import Envelope, Outcome
+from stages.ports import Ports
 from stages.resolver import ConfigError, Resolver
+from tests.fakes import FakeDirectory
 
 
 class Shout:
@@ -22,8 +24,8 @@ class Shout:
         self.directory = directory
 
     @classmethod
-    def from_config(cls, options: Mapping[str, Any], ports: Mapping[str, Any]) -> Shout:
-        return cls(str(options.get("suffix", "!")), ports["directory"])
+    def from_config(cls, options: Mapping[str, Any], ports: Ports) -> Shout:
+        return cls(str(options.get("suffix", "!")), ports.directory)
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         for env in batch:
@@ -31,7 +33,7 @@ class Shout:
         return [Outcome.ok(e) for e in batch]
 
 
-def count_words(options: Mapping[str, Any], ports: Mapping[str, Any]) -> Any:
+def count_words(options: Mapping[str, Any], ports: Ports) -> Any:
     """A plain factory function works too."""
 
     class Count:
@@ -59,7 +61,7 @@ types:
 async def test_dotted_stage_names_are_imported_and_built_with_ports() -> None:
     registry = default_registry()
     resolver = Resolver.from_yaml(YAML, registry)
-    pipe = resolver.pipeline("chat", registry, {"directory": "the directory"})
+    pipe = resolver.pipeline("chat", registry, Ports(directory=FakeDirectory({})))
     env = Envelope(type="chat", id="1", sender="alice", fields={"body": "hello there"})
     (out,) = await pipe.run([env])
     assert out.envelope.fields["body"] == "HELLO THERE!!" and out.envelope.meta["words"] == 2

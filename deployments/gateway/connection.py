@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from starlette.websockets import WebSocket
 
-from adapters.postgres import PostgresStore
+from stages.ports import ChatStore, MessageStore
 
 log = logging.getLogger("conveyor.gateway")
 CATCH_UP_PAGE = 200
@@ -62,7 +62,8 @@ class Connection:
         self,
         ws: WebSocket,
         user_id: str,
-        store: PostgresStore,
+        chats: ChatStore,
+        messages: MessageStore,
         *,
         queue_size: int,
         implicit_receipt: Callable[[str, str], None],
@@ -74,7 +75,8 @@ class Connection:
         self.ws = ws
         self.user_id = user_id
         self.id = str(uuid.uuid4())
-        self.store = store
+        self.chats_store = chats
+        self.messages = messages
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(queue_size)
         self.chats: dict[str, ChatState] = {}
         # Store times of messages written here and not yet read, for read latency: a
@@ -127,13 +129,13 @@ class Connection:
         if type_name in self.overloaded and depth <= capacity // 2:
             self.overloaded.discard(type_name)
 
-    def deliver(self, frame: dict[str, Any], origin: str | None = None) -> None:
-        """Queue a chat message (shared, never mutated); ``origin`` is the connection it
+    def deliver(self, frame: dict[str, Any], skip: str | None = None) -> None:
+        """Queue a chat message (shared, never mutated); ``skip`` is the connection it
         was sent from. If the queue is full the message is read back from the store."""
         if self.closed:
             return
         try:
-            self.queue.put_nowait(("message", (frame, origin)))
+            self.queue.put_nowait(("message", (frame, skip)))
         except asyncio.QueueFull:
             self.lagging.add(frame["chatId"])
 
@@ -211,7 +213,7 @@ class Connection:
     async def _state(self, chat_id: str) -> ChatState:
         st = self.chats.get(chat_id)
         if st is None:
-            pointers = await self.store.pointers(self.user_id, chat_id)
+            pointers = await self.chats_store.pointers(self.user_id, chat_id)
             base = pointers[0].delivered_seq if pointers else 0
             st = self.chats.setdefault(chat_id, ChatState(base, base))
         return st
@@ -235,7 +237,7 @@ class Connection:
         if len(self.unread) > UNREAD_TRACKED:
             self.unread.popitem(last=False)
 
-    async def _on_message(self, frame: dict[str, Any], origin: str | None) -> None:
+    async def _on_message(self, frame: dict[str, Any], skip: str | None) -> None:
         chat_id = frame["chatId"]
         st = await self._state(chat_id)
         seq = frame["seq"]
@@ -244,7 +246,7 @@ class Connection:
         if seq > st.upto + 1:
             await self._catch_up(chat_id)
             return
-        if origin == self.id:
+        if skip == self.id:
             st.upto = seq
             if st.receipted == seq - 1:
                 st.receipted = seq
@@ -257,7 +259,7 @@ class Connection:
     async def _catch_up(self, chat_id: str) -> None:
         st = await self._state(chat_id)
         while not self.closed:
-            page = await self.store.messages_after(chat_id, st.upto, CATCH_UP_PAGE)
+            page = await self.messages.messages_after(chat_id, st.upto, CATCH_UP_PAGE)
             for m in page:
                 if m.seq == st.upto + 1:
                     await self._write_message(st, m.frame())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +26,7 @@ from stages.notifications import (
     Attempt,
     ContactProgress,
     FinalState,
+    IdempotencyClaim,
     IdempotencyLost,
     IdempotencyRecord,
     Job,
@@ -54,17 +54,6 @@ def _job(row: asyncpg.Record) -> Job:
     return Job(id=row["id"], contacts=contacts, message=row["message"], strategy=row["strategy"],
                subject_name=row["subject_name"], round=row["round"],
                progress=progress if len(progress) == len(contacts) else [])
-
-
-@dataclass(frozen=True)
-class IdempotencyClaim:
-    """``new``: go ahead (the key is now in flight for us); ``replay``: answer the stored
-    response; ``conflict``: same key, different body (422); ``in_flight``: 409."""
-
-    outcome: str
-    status: int | None = None
-    body: bytes | None = None
-    claim: str | None = None  # for ``new``: this request's hold on the key
 
 
 class NotificationsStore:

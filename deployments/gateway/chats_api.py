@@ -1,0 +1,105 @@
+"""HTTP resources of the messenger: chats (create, list), a chat's history, presence.
+History is also what a ``sync`` frame reads (:meth:`ChatsApi.history`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from adapters.auth import Principal
+from deployments.gateway.intake import rfc3339
+from deployments.http import ApiError, error_response, json_response
+from stages.ports import ChatStore, ConnectionRegistry, MessageStore
+
+Guard = Callable[[Request], Awaitable[Principal]]
+
+
+class ChatsApi:
+    def __init__(self, chats: ChatStore, messages: MessageStore, hub: ConnectionRegistry,
+                 guard: Guard) -> None:
+        self.chats = chats
+        self.messages = messages
+        self.hub = hub
+        self.guard = guard
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/v1/chats", self.create_chat, methods=["POST"]),
+            Route("/v1/chats", self.list_chats, methods=["GET"]),
+            Route("/v1/chats/{chat_id}/messages", self.chat_messages, methods=["GET"]),
+            Route("/v1/presence", self.presence, methods=["GET"]),
+        ]
+
+    async def history(self, user_id: str, chat_id: str, after: int, limit: int
+                      ) -> tuple[list[dict[str, Any]], bool]:
+        """A member's page of a chat: frames with seq > ``after``, and whether more follow."""
+        if after < 0 or not 1 <= limit <= 500:
+            raise ApiError(400, "invalid", "afterSeq must be >= 0 and limit 1..500")
+        members = await self.chats.members([chat_id])
+        if chat_id not in members:
+            raise ApiError(404, "not_found", "no such chat")
+        if user_id not in members[chat_id]:
+            raise ApiError(403, "forbidden", "not a member of this chat")
+        rows = await self.messages.messages_after(chat_id, after, limit + 1)
+        return [m.frame() for m in rows[:limit]], len(rows) > limit
+
+    async def create_chat(self, request: Request) -> Response:
+        try:
+            principal = await self.guard(request)
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError:
+                raise ApiError(400, "invalid", "body is not valid JSON") from None
+            members = body.get("members") if isinstance(body, dict) else None
+            title = body.get("title") if isinstance(body, dict) else None
+            if (not isinstance(members, list) or not 1 <= len(members) <= 1000
+                    or not all(isinstance(m, str) and 0 < len(m) <= 128 for m in members)):
+                raise ApiError(400, "invalid", "'members' must be a list of 1..1000 user ids")
+            if title is not None and (not isinstance(title, str) or len(title) > 200):
+                raise ApiError(400, "invalid", "'title' must be a string of at most 200 characters")
+            chat_id = await self.chats.create_chat(principal.user_id, members, title)
+            everyone = sorted({principal.user_id, *members})
+            return json_response({"chatId": chat_id, "members": everyone, "title": title}, 201)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+    async def list_chats(self, request: Request) -> Response:
+        try:
+            principal = await self.guard(request)
+            return json_response({"chats": await self.chats.chats_of(principal.user_id)})
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+    async def chat_messages(self, request: Request) -> Response:
+        try:
+            principal = await self.guard(request)
+            try:
+                after = int(request.query_params.get("afterSeq", "0"))
+                limit = int(request.query_params.get("limit", "50"))
+            except ValueError:
+                raise ApiError(400, "invalid", "afterSeq and limit must be integers") from None
+            messages, has_more = await self.history(
+                principal.user_id, request.path_params["chat_id"], after, limit)
+            return json_response({"messages": messages, "hasMore": has_more})
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+
+    async def presence(self, request: Request) -> Response:
+        try:
+            await self.guard(request)
+            users = [u for u in request.query_params.getlist("userId") for u in u.split(",") if u]
+            if not users or len(users) > 500:
+                raise ApiError(400, "invalid", "give 1..500 userId values")
+            found = await self.hub.presence(users)
+            out = []
+            for user, online, seen in found:
+                last = rfc3339(seen) if seen is not None else None
+                out.append({"userId": user, "online": online, "lastSeen": last})
+            return json_response({"users": out})
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)

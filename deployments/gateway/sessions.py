@@ -1,0 +1,41 @@
+"""``Sessions``: the WebSocket connections this gateway replica holds, by id and by user."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from deployments.gateway.connection import Connection
+
+
+class Sessions:
+    def __init__(self) -> None:
+        self.by_id: dict[str, Connection] = {}
+        self.by_user: dict[str, set[Connection]] = {}
+        # Connections whose hub attach failed (a hub shard restarting): the pull loop of
+        # their shard attaches them once the shard answers again.
+        self.unattached: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def add(self, conn: Connection) -> None:
+        self.by_id[conn.id] = conn
+        self.by_user.setdefault(conn.user_id, set()).add(conn)
+
+    def remove(self, conn: Connection) -> None:
+        self.by_id.pop(conn.id, None)
+        self.unattached.discard(conn.id)
+        peers = self.by_user.get(conn.user_id)
+        if peers is not None:
+            peers.discard(conn)
+            if not peers:
+                del self.by_user[conn.user_id]
+
+    def get(self, connection_id: str | None) -> Connection | None:
+        return self.by_id.get(connection_id or "")
+
+    def of_user(self, user_id: str) -> Iterable[Connection]:
+        return self.by_user.get(user_id, ())
+
+    def all(self) -> list[Connection]:
+        return list(self.by_id.values())
