@@ -136,8 +136,8 @@ async def accept_bench(args: argparse.Namespace, dsn: str, data_dir: Path) -> di
 async def deliver_bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
     from aiosmtpd.controller import Controller
 
-    from adapters.postgres.notifications import NotificationsStore
     from adapters.postgres.connect import open_pool
+    from adapters.postgres.notifications import NotificationsStore
     from adapters.smtp import SmtpChannel
     from deployments.notifications.engine import DispatchEngine
     from stages.notifications import (
