@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -17,99 +16,10 @@ from stages.attachments import (
     ready_key,
 )
 from stages.model import Envelope, Outcome, Verdict
-from stages.ports import AttachmentRecord, ObjectInfo, ScanLimitExceeded
-from tests.fakes import FakeHub
+from stages.ports import AttachmentRecord, ScanLimitExceeded
+from tests.fakes import EveryoneDirectory, FakeAttachments, FakeHub, FakeObjects, FakeScanner
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(40)
-
-
-class FakeObjects:
-    def __init__(self) -> None:
-        self.data: dict[str, tuple[bytes, str | None]] = {}
-        self.streamed: list[str] = []
-
-    async def upload_url(self, key: str, content_type: str, size: int, expires_s: int) -> str:
-        return f"http://store/{key}"
-
-    async def download_url(self, key: str, expires_s: int, file_name: str | None = None) -> str:
-        return f"http://store/{key}"
-
-    async def stat(self, key: str) -> ObjectInfo | None:
-        got = self.data.get(key)
-        return ObjectInfo(len(got[0]), got[1]) if got else None
-
-    async def head(self, key: str, n: int) -> bytes:
-        return self.data[key][0][:n]
-
-    async def chunks(self, key: str, chunk_size: int = 4) -> AsyncIterator[bytes]:
-        self.streamed.append(key)
-        body = self.data[key][0]
-        for i in range(0, len(body), chunk_size):
-            yield body[i:i + chunk_size]
-
-    async def copy(self, src: str, dst: str) -> bool:
-        if src not in self.data:
-            return False
-        self.data[dst] = self.data[src]
-        return True
-
-    async def delete(self, key: str) -> None:
-        self.data.pop(key, None)
-
-
-class FakeAttachments:
-    def __init__(self, *records: AttachmentRecord) -> None:
-        self.rows = {r.id: r for r in records}
-
-    async def create(self, records: Sequence[AttachmentRecord]) -> list[tuple[AttachmentRecord, bool]]:
-        raise NotImplementedError
-
-    async def get(self, ids: Sequence[str]) -> dict[str, AttachmentRecord]:
-        return {i: self.rows[i] for i in ids if i in self.rows}
-
-    async def claim(self, attachment_id: str, lease_s: float) -> AttachmentRecord | None:
-        rec = self.rows.get(attachment_id)
-        if rec is None or rec.state != "pending":
-            return None
-        rec = self.rows[attachment_id] = replace(rec, state="verifying", claim=uuid.uuid4().hex)
-        return rec
-
-    async def release(self, attachment_id: str, claim: str) -> bool:
-        rec = self.rows[attachment_id]
-        if rec.state != "verifying" or rec.claim != claim:
-            return False
-        self.rows[attachment_id] = replace(rec, state="pending", claim=None)
-        return True
-
-    async def finish(self, attachment_id: str, claim: str, state: str,
-                     reason: str | None = None) -> bool:
-        rec = self.rows[attachment_id]
-        if rec.state != "verifying" or rec.claim != claim:
-            return False
-        self.rows[attachment_id] = replace(rec, state=state, claim=None)
-        return True
-
-    async def link(self, attachment_id: str, message_id: str) -> None:
-        rec = self.rows[attachment_id]
-        if rec.message_id is None:
-            self.rows[attachment_id] = replace(rec, message_id=message_id)
-
-
-class FakeDirectory:
-    async def members(self, chat_ids: Sequence[str]) -> Mapping[str, frozenset[str]]:
-        return {c: frozenset({"alice", "bob"}) for c in chat_ids}
-
-
-class FakeScanner:
-    def __init__(self, answer: str | Exception | None = None) -> None:
-        self.answer = answer
-        self.seen: list[bytes] = []
-
-    async def scan(self, chunks: AsyncIterable[bytes]) -> str | None:
-        self.seen.append(b"".join([c async for c in chunks]))
-        if isinstance(self.answer, Exception):
-            raise self.answer
-        return self.answer
 
 
 def record(ctype: str = "image/png", size: int = len(PNG), state: str = "pending"
@@ -129,7 +39,7 @@ def event(rec: AttachmentRecord, sender: str = "alice") -> Envelope:
 class Phase2:
     def __init__(self, rec: AttachmentRecord, scanner: FakeScanner | None = None) -> None:
         self.objects, self.store, self.hub = FakeObjects(), FakeAttachments(rec), FakeHub()
-        self.verify = VerifyUpload(self.store, self.objects, self.hub, FakeDirectory())
+        self.verify = VerifyUpload(self.store, self.objects, self.hub, EveryoneDirectory())
         self.scan = ScanAttachment(self.store, self.objects, self.hub, scanner)
         self.finalize = FinalizeAttachment(self.store, self.objects)
 

@@ -21,27 +21,7 @@ from stages.notifications import (
     SendStatus,
     dispatch_round,
 )
-
-
-class ScriptedChannel:
-    """A channel whose answers per address are scripted (a list, consumed in order)."""
-
-    def __init__(self, kind: str, script: dict[object, list[SendResult]], up: bool = True) -> None:
-        self.kind = kind
-        self.script = script
-        self.up = up
-        self.sent: list[Delivery] = []
-        self.batches = 0
-
-    def available(self) -> bool:
-        return self.up
-
-    async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
-        self.batches += 1
-        self.sent.extend(deliveries)
-        return [self.script[d.address].pop(0) if self.script.get(d.address) else SendResult.ok("id")
-                for d in deliveries]
-
+from tests.fakes import ScriptedChannel
 
 OK, TRANSIENT = SendResult.ok("x"), SendResult.transient("421 busy")
 PERMANENT = SendResult.permanent("550 no")

@@ -17,6 +17,7 @@ from stages.notifications import (
     validate_item,
 )
 from stages.resolver import StageRegistry, StageSpec
+from tests.fakes import FakeKick, FakeNotificationStore
 
 
 def codes(issues: list[dict[str, Any]]) -> list[tuple[str, list[Any]]]:
@@ -172,26 +173,10 @@ def test_timestamp_form() -> None:
     assert rfc3339_ms(1765713600.0) == "2025-12-14T12:00:00.000Z"
 
 
-class FakeStore:
-    def __init__(self) -> None:
-        self.accepted: list[Any] = []
-
-    async def accept(self, drafts: Any, idempotency: Any = None) -> None:
-        self.accepted.extend(drafts)
-
-
-class FakeKick:
-    def __init__(self) -> None:
-        self.kicked: list[str] = []
-
-    def kick(self, ids: Any) -> None:
-        self.kicked.extend(ids)
-
-
 async def test_stages_validate_persist_route_a_mixed_batch() -> None:
     from stages.pipeline import Pipeline
 
-    store, kick = FakeStore(), FakeKick()
+    store, kick = FakeNotificationStore(), FakeKick()
     ids = iter(["n1", "n2"])
     pipe = Pipeline([ValidateNotification(lambda: next(ids)), PersistNotification(store),
                      RouteNotification(kick)])
