@@ -36,6 +36,7 @@ from deployments.notifications import NotificationApi
 from deployments.runner import PipelineRunner, TypeBatcher
 from serve_app.bootstrap import open_services
 from serve_app.settings import Settings
+from serve_app.web import web_client_routes
 from stages.attachments import ready_key
 from stages.model import Envelope, Outcome, Verdict
 
@@ -178,6 +179,7 @@ class Gateway:
             Route("/health/ready", self.ready, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
             *self.notifications.routes(),
+            *web_client_routes(self.settings, self.verifier.dev_key),
         ]
 
     def _ensure_started(self) -> None:
