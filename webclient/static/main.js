@@ -512,7 +512,6 @@ function messageView(chat, m) {
   const li = el("li", {
     id: messageId(m), class: `msg${mine ? " mine" : ""}${m.deleted ? " deleted" : ""}`,
     "data-seq": String(m.seq), "data-message-id": m.messageId, "data-sender": m.senderId, tabindex: "-1",
-    "aria-label": `${mine ? "You" : m.senderId}, ${shortTime(m.createdAt)}`,
   });
   li.append(el("div", { class: "meta" },
     el("span", { class: "sender" }, mine ? "You" : m.senderId), " ",
@@ -1191,6 +1190,15 @@ function wireApp() {
     attachFile(f);
   });
   $("load-earlier").addEventListener("click", loadEarlier);
+  // Skip to what matters now: the message box, else the chats, else the sign-in form.
+  $("skip-link").addEventListener("click", (ev) => {
+    const target = [$("composer-input"), $("chat-list").querySelector("button"), $("new-members"),
+      document.querySelector("#signin-view input:not([hidden]), #signin-view textarea")]
+      .find((n) => n && n.offsetParent !== null);
+    if (!target) return;
+    ev.preventDefault();
+    target.focus();
+  });
   // Arrow keys move between chats; Home/End to the first/last.
   $("chat-list").addEventListener("keydown", (ev) => {
     const buttons = [...$("chat-list").querySelectorAll("button.chat-item")];
