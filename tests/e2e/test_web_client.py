@@ -21,7 +21,7 @@ import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
@@ -67,8 +67,6 @@ def web_app(conveyor: App, new_database: Any) -> Iterator[App]:
 
     from serve_app.app import build_graph
 
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (CI installs it)")
     base = f"{conveyor.base_url}{PREFIX}"
     settings = {**conveyor.settings, "database_url": new_database("web"), "s3_endpoint": None,
                 "s3_access_key": None, "s3_secret_key": None, "public_base_url": base}
@@ -84,7 +82,9 @@ def web_app(conveyor: App, new_database: Any) -> Iterator[App]:
 
 
 @pytest.fixture(scope="module")
-async def browser(web_app: App) -> AsyncIterator[Any]:
+async def browser() -> AsyncIterator[Any]:
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (CI installs it)")
     async with pw.async_playwright() as p:
         b = await p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu"])
@@ -237,14 +237,17 @@ async def test_two_people_chat(browser: Any, web_app: App) -> None:
         await expect(bob.message("noise.png").locator(".attachment figcaption")).to_contain_text(
             "Download noise.png")
 
+        await expect(a.locator("#uploads li")).to_have_count(0)   # done: the row goes
+        await alice.shot("alice-conversation.png")
+        await bob.shot("bob-conversation.png")
+
         # A refusal shows the server's reason (a body over max_body_chars).
         await a.get_by_label("Message", exact=True).fill("x" * 4001)
         await a.keyboard.press("Enter")
         refusal = a.locator("li.outgoing.failed .refusal")
         await expect(refusal).to_contain_text("Not sent:")
         await expect(refusal).to_contain_text("(invalid)")
-        await alice.shot("alice-conversation.png")
-        await bob.shot("bob-conversation.png")
+        await alice.shot("alice-refused.png")
         await refusal.get_by_role("button", name="Discard").click()
         await expect(a.locator("li.outgoing")).to_have_count(0)
 
@@ -319,6 +322,8 @@ async def axe_violations(page: Any) -> list[dict[str, Any]]:
     from axe_playwright_python.async_playwright import Axe
 
     results = await Axe().run(page)
+    ran = {r["id"] for kind in ("passes", "violations", "incomplete") for r in results.response[kind]}
+    assert "color-contrast" in ran, "axe-core did not run its rules"
     return [v for v in results.response["violations"] if v.get("impact") in ("serious", "critical")]
 
 
@@ -391,3 +396,106 @@ async def test_accessibility_keyboard_and_dark_mode(browser: Any, web_app: App) 
         assert_same_origin(web_app, person)
     finally:
         await person.ctx.close()
+
+
+class ThreadedServer:
+    """A uvicorn server for a small Starlette app, in a thread of its own."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        from tests.conftest import free_port
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", ws="none"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> ThreadedServer:
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return self
+            await asyncio.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        await asyncio.to_thread(self.thread.join, 10)
+
+
+async def test_single_sign_on_with_pkce(browser: Any) -> None:
+    """With an issuer configured, the app signs in by authorization code + PKCE: a fake
+    Keycloak-style issuer checks the S256 challenge against the verifier, and the page uses
+    the access token it got for the API."""
+    import base64
+    import hashlib
+    import json
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, RedirectResponse, Response
+    from starlette.routing import Route
+
+    from webclient import web_routes
+
+    seen: dict[str, Any] = {}
+    claims = {"sub": "sso-user", "exp": 4102444800}
+    token = "e30." + base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=") + ".sig"
+
+    async def authorize(request: Request) -> Response:
+        q = request.query_params
+        seen["authorize"] = dict(q)
+        assert q["response_type"] == "code" and q["client_id"] == "conveyor-web"
+        assert q["code_challenge_method"] == "S256" and len(q["code_challenge"]) == 43
+        seen["challenge"] = q["code_challenge"]
+        return RedirectResponse(f"{q['redirect_uri']}?code=the-code&state={q['state']}", 302)
+
+    async def token_endpoint(request: Request) -> Response:
+        form = dict(parse_qsl((await request.body()).decode()))
+        seen["token"] = form
+        digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
+        ok = (form.get("grant_type") == "authorization_code" and form.get("code") == "the-code"
+              and form.get("client_id") == "conveyor-web"
+              and base64.urlsafe_b64encode(digest).decode().rstrip("=") == seen.get("challenge"))
+        body = {"access_token": token, "token_type": "Bearer", "expires_in": 300} if ok \
+            else {"error": "invalid_grant"}
+        return JSONResponse(body, 200 if ok else 400,
+                            headers={"Access-Control-Allow-Origin": seen["origin"]})
+
+    async def chats(request: Request) -> Response:
+        seen["api_auth"] = request.headers.get("authorization")
+        return JSONResponse({"chats": []})
+
+    realm = "/realms/acme/protocol/openid-connect"
+    issuer_app = Starlette(routes=[Route(f"{realm}/auth", authorize),
+                                   Route(f"{realm}/token", token_endpoint, methods=["POST"])])
+    async with ThreadedServer(issuer_app) as issuer:
+        iss = f"{issuer.url}/realms/acme"
+        oidc = {"issuer": iss, "clientId": "conveyor-web",
+                "authorizationEndpoint": f"{iss}/protocol/openid-connect/auth",
+                "tokenEndpoint": f"{iss}/protocol/openid-connect/token"}
+        app = Starlette(routes=[*web_routes(dev_token=None, oidc=oidc),
+                                Route("/v1/chats", chats), Route("/v1/presence", chats)])
+        async with ThreadedServer(app) as site:
+            seen["origin"] = site.url
+            ctx = await browser.new_context()
+            try:
+                page = await ctx.new_page()
+                await page.goto(f"{site.url}/app")
+                await expect(page.locator("#dev-form")).to_be_hidden()
+                await expect(page.locator("#oidc-issuer")).to_have_text(f"127.0.0.1:{issuer.port}")
+                await page.get_by_role("button", name="Sign in with single sign-on").click()
+                await expect(page.locator("#me-name")).to_have_text("sso-user")
+                assert page.url == f"{site.url}/app/"          # code and state gone from the URL
+                assert seen["authorize"]["redirect_uri"] == f"{site.url}/app/"
+                assert seen["token"]["redirect_uri"] == f"{site.url}/app/"
+                assert seen["api_auth"] == f"Bearer {token}"
+            finally:
+                await ctx.close()

@@ -29,6 +29,7 @@ const S = {
   pending: new Map(),      // client frame id -> {kind, frame, chatId, ...} until its ack
   uploads: new Map(),      // attachment frame id -> upload row state
   blobs: new Map(),        // attachmentId -> Promise<object URL>
+  arrived: new Set(),      // attachment ids whose message this client has received
   receiptTimer: null,
   typingSent: { at: 0, chatId: null, timer: null },
   refreshTimer: null,
@@ -79,7 +80,7 @@ function preview(m) {
   if (!m) return "No messages yet";
   const who = m.senderId === S.me ? "You" : m.senderId;
   if (m.deleted) return `${who}: message deleted`;
-  if (m.kind === "attachment") return `${who}: 📎 ${m.attachment?.fileName || m.body || "file"}`;
+  if (m.kind === "attachment") return `${who}: file ${m.attachment?.fileName || m.body || ""}`;
   return `${who}: ${m.body ?? ""}`;
 }
 
@@ -185,6 +186,7 @@ function signOut(message) {
   Object.assign(S, {
     session: null, api: null, conn: null, me: null, everConnected: false, openId: null,
     chats: new Map(), presence: new Map(), pending: new Map(), uploads: new Map(), blobs: new Map(),
+    arrived: new Set(),
   });
   $("messages").replaceChildren();
   $("chat-list").replaceChildren();
@@ -575,7 +577,8 @@ function actionsView(chat, m, mine) {
 function outgoingView(o) {
   const li = el("li", { class: `msg mine outgoing${o.status === "failed" ? " failed" : ""}`, "data-client-id": o.clientId });
   li.append(el("div", { class: "meta" }, el("span", { class: "sender" }, "You")));
-  li.append(el("p", { class: "body" }, o.body));
+  const shown = o.body.length > 280 ? `${o.body.slice(0, 280)}… (${o.body.length} characters)` : o.body;
+  li.append(el("p", { class: "body" }, shown));
   if (o.status === "failed") {
     const e = o.error || {};
     const wait = e.retryAfter ? ` Try again in ${Math.ceil(e.retryAfter)} s.` : "";
@@ -886,7 +889,10 @@ async function onLive(f) {
     chat.typing.delete(f.senderId);
   }
   for (const m of changed) updateMessage(chat, m);
-  if (f.type === "message" && f.kind === "attachment") settleUpload(f.attachment?.attachmentId);
+  if (f.type === "message" && f.kind === "attachment" && f.attachment) {
+    S.arrived.add(f.attachment.attachmentId);
+    settleUpload(f.attachment.attachmentId);
+  }
   if (chat.chatId === S.openId) {
     renderTyping();
     markRead(chat);
@@ -1102,7 +1108,7 @@ async function onAttachmentAck(f, p) {
       throw new Error(`${e.message || result.state} (${e.code || result.state})`);
     }
     setUpload(u, { state: "done" });
-    setTimeout(() => settleUpload(f.attachmentId), 3000);
+    if (S.arrived.has(f.attachmentId)) settleUpload(f.attachmentId);
   } catch (e) {
     setUpload(u, { state: "failed", error: e.message });
   }
