@@ -42,6 +42,7 @@ from cluster.ratelimit import SharedRateGate
 from deployments.notifications.kick import HandleKick
 from deployments.services import ChatServices, NotificationServices
 from serve_app.openapi import docs_routes
+from serve_app.web import web_client_routes
 from settings import Settings
 from stages.builtin import default_registry
 from stages.notifications import Channel, CircuitBreaker, GuardedChannel
@@ -187,7 +188,8 @@ class ProcessWiring:
             hub=hub, attachments=attachments, objects=objects,
             uploads=objects if isinstance(objects, LocalObjectStore) else None,
             registry=registry, resolver=load_resolver(s, registry), ports=ports,
-            verifier=tokens, checks=checks, routes=docs_routes(s))
+            verifier=tokens, checks=checks,
+            routes=[*docs_routes(s), *web_client_routes(s, tokens.dev_key)])
 
     async def open_notifications(self, dispatcher: Any | None = None) -> NotificationServices:
         """The notification service's: ``dispatcher`` (the dispatcher deployment's handle,
