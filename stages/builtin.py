@@ -81,8 +81,9 @@ def default_registry() -> StageRegistry:
     reg.register("ack", lambda o, p: Ack(need(p.acks, "acks", "ack")))
     reg.register("deliver_chat", lambda o, p: DeliverChat(
         need(p.hub, "hub", "deliver_chat"), need(p.outbox, "outbox", "deliver_chat")))
-    reg.register("apply_receipts",
-                 lambda o, p: ApplyReceipts(need(p.store, "store", "apply_receipts")))
+    reg.register("apply_receipts", lambda o, p: ApplyReceipts(
+        need(p.store, "store", "apply_receipts"),
+        p.hub if o.get("announce", True) else None, p.directory))
     reg.register("debit_credits", lambda o, p: DebitCredits(
         need(p.credits, "credits", "debit_credits"), need(p.notices, "notices", "debit_credits"),
         int(o.get("low_water", 5)), p.outages))

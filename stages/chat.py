@@ -14,6 +14,7 @@ from stages.ports import (
     Directory,
     MessageStore,
     Outbox,
+    PointerMove,
     Receipt,
 )
 
@@ -165,12 +166,18 @@ class DeliverChat:
 
 
 class ApplyReceipts:
-    """Receiver ACKs: move each member's delivered/read pointer forward (cumulative)."""
+    """Receiver ACKs: move each member's delivered/read pointer forward (cumulative), then
+    tell the chat's other members where the pointers now stand (a ``system`` ``receipt``
+    frame, best-effort like every hub delivery: a client that missed it reads the same
+    positions from ``GET /v1/chats``)."""
 
     name = "apply_receipts"
 
-    def __init__(self, store: MessageStore) -> None:
+    def __init__(self, store: MessageStore, hub: DeliveryHub | None = None,
+                 directory: Directory | None = None) -> None:
         self.store = store
+        self.hub = hub
+        self.directory = directory
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         receipts: list[Receipt] = []
@@ -192,5 +199,18 @@ class ApplyReceipts:
             receipts.extend(Receipt(env.sender, i, status) for i in ids)
             out.append(Outcome.done(env))
         if receipts:
-            await self.store.apply_receipts(receipts)
+            moved = await self.store.apply_receipts(receipts)
+            if moved and self.hub is not None and self.directory is not None:
+                await self._announce(moved)
         return out
+
+    async def _announce(self, moved: Sequence[PointerMove]) -> None:
+        assert self.hub is not None and self.directory is not None
+        members = await self.directory.members(sorted({m.chat_id for m in moved}))
+        deliveries = [
+            Delivery(sorted(members.get(m.chat_id, frozenset()) - {m.user_id}), {
+                "type": "system", "event": "receipt",
+                "data": {"chatId": m.chat_id, "userId": m.user_id,
+                         "deliveredSeq": m.delivered_seq, "readSeq": m.read_seq}})
+            for m in moved]
+        await self.hub.publish([d for d in deliveries if d.users])

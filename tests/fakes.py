@@ -14,7 +14,16 @@ from typing import Any
 
 from stages.notifications import Delivery as Send
 from stages.notifications import SendResult
-from stages.ports import AttachmentRecord, ChatDraft, Debit, Delivery, ObjectInfo, Receipt, Stored
+from stages.ports import (
+    AttachmentRecord,
+    ChatDraft,
+    Debit,
+    Delivery,
+    ObjectInfo,
+    PointerMove,
+    Receipt,
+    Stored,
+)
 
 
 class FakeDirectory:
@@ -52,9 +61,9 @@ class FakeMessages:
     async def messages_after(self, chat_id: str, after_seq: int, limit: int) -> list[Any]:
         return []
 
-    async def apply_receipts(self, receipts: Sequence[Receipt]) -> int:
+    async def apply_receipts(self, receipts: Sequence[Receipt]) -> list[PointerMove]:
         self.receipts.extend(receipts)
-        return len(receipts)
+        return []
 
 
 class FakeOutbox:

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from adapters.postgres.rows import json_value
 from stages.ports import Pointer
 
 
@@ -39,6 +40,10 @@ class PostgresChats:
             SELECT c.id, c.title, c.last_seq, cm.delivered_seq, cm.read_seq,
                    (SELECT array_agg(user_id ORDER BY user_id) FROM chat_members
                      WHERE chat_id = c.id) AS members,
+                   (SELECT json_agg(json_build_object('userId', p.user_id,
+                           'deliveredSeq', p.delivered_seq, 'readSeq', p.read_seq)
+                           ORDER BY p.user_id)
+                      FROM chat_members p WHERE p.chat_id = c.id AND p.user_id <> $1) AS peers,
                    (SELECT count(*) FROM messages m WHERE m.chat_id = c.id
                      AND m.seq > cm.read_seq AND m.sender_id <> $1
                      AND m.kind IN ('text', 'attachment')) AS unread
@@ -57,6 +62,7 @@ class PostgresChats:
                 "deliveredSeq": r["delivered_seq"],
                 "readSeq": r["read_seq"],
                 "unreadCount": r["unread"],
+                "peers": json_value(r["peers"]) or [],
             }
             for r in rows
         ]

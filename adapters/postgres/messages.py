@@ -14,7 +14,7 @@ import asyncpg
 from adapters.postgres.commands import apply_command, command_error, command_targets
 from adapters.postgres.retry import retried
 from adapters.postgres.rows import MESSAGE_COLUMNS, message_of, rfc3339
-from stages.ports import COMMAND_KINDS, ChatDraft, Receipt, Stored, StoredMessage
+from stages.ports import COMMAND_KINDS, ChatDraft, PointerMove, Receipt, Stored, StoredMessage
 
 
 class _Race(Exception):
@@ -167,14 +167,14 @@ class PostgresMessages:
                     counts.setdefault(r["message_id"], {})[r["emoji"]] = r["n"]
         return [message_of(r, counts.get(r["id"])) for r in rows]
 
-    async def apply_receipts(self, receipts: Sequence[Receipt]) -> int:
+    async def apply_receipts(self, receipts: Sequence[Receipt]) -> list[PointerMove]:
         if not receipts:
-            return 0
+            return []
         return await self._apply_receipts_once(receipts)
 
     @retried(asyncpg.DeadlockDetectedError)
-    async def _apply_receipts_once(self, receipts: Sequence[Receipt]) -> int:
-        result = await self.pool.execute(
+    async def _apply_receipts_once(self, receipts: Sequence[Receipt]) -> list[PointerMove]:
+        rows = await self.pool.fetch(
             """
             WITH r AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS r(user_id, mid, status)
@@ -194,9 +194,11 @@ class PostgresMessages:
                    read_seq = greatest(cm.read_seq, m.read_seq)
               FROM m JOIN locked l ON l.chat_id = m.chat_id AND l.user_id = m.user_id
              WHERE cm.chat_id = m.chat_id AND cm.user_id = m.user_id
+            RETURNING cm.chat_id, cm.user_id, cm.delivered_seq, cm.read_seq
             """,
             [r.user_id for r in receipts],
             [r.message_id for r in receipts],
             [r.status for r in receipts],
         )
-        return int(result.split()[-1])
+        return [PointerMove(r["chat_id"], r["user_id"], r["delivered_seq"], r["read_seq"])
+                for r in rows]

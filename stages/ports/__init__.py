@@ -33,6 +33,7 @@ from stages.ports.chat import (
     MessageStore,
     Outbox,
     Pointer,
+    PointerMove,
     Receipt,
     Stored,
     StoredMessage,
@@ -46,6 +47,6 @@ __all__ = [
     "AttachmentRecord", "AttachmentStore", "ChatDraft", "ChatStore", "ConnectionRegistry",
     "Contacts", "CreditBank", "Debit", "DedupWindow", "Delivery", "DeliveryHub", "Directory", "MessageStore",
     "MissingPort", "Notices", "NotificationLimits", "ObjectInfo", "ObjectStore", "Outages", "Outbox",
-    "Pointer", "Ports", "RateGate", "Receipt", "ScanLimitExceeded", "StageDefaults", "Stored",
+    "Pointer", "PointerMove", "Ports", "RateGate", "Receipt", "ScanLimitExceeded", "StageDefaults", "Stored",
     "StoredMessage", "UploadEndpoint", "VirusScanner", "command_frame", "need",
 ]

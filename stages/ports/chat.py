@@ -112,6 +112,16 @@ class Pointer:
     last_seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class PointerMove:
+    """Where a member's pointers stand after a receipt moved at least one of them."""
+
+    chat_id: str
+    user_id: str
+    delivered_seq: int
+    read_seq: int
+
+
 class Directory(Protocol):
     """Who belongs to which chat.
 
@@ -144,11 +154,12 @@ class MessageStore(Protocol):
         command events. Reads committed data only; repeatable."""
         ...
 
-    async def apply_receipts(self, receipts: Sequence[Receipt]) -> int:
+    async def apply_receipts(self, receipts: Sequence[Receipt]) -> list[PointerMove]:
         """Advance members' delivered/read pointers. Receipts are cumulative per chat:
         a receipt for seq N acknowledges every message up to N. Pointers never move back,
-        so a repeated or reordered receipt is harmless. Receipts for unknown messages or
-        non-members are ignored. Returns rows updated."""
+        so a repeated or reordered receipt is harmless (it moves nothing). Receipts for
+        unknown messages or non-members are ignored. Returns the pointers that moved, at
+        their new positions, one per (chat, member)."""
         ...
 
 
@@ -188,7 +199,8 @@ class ChatStore(Protocol):
     async def chats_of(self, user_id: str) -> list[dict[str, Any]]:
         """The user's chats in creation order: ``chatId, title, members, lastSeq,
         deliveredSeq, readSeq, unreadCount`` (messages, not command events, after
-        ``readSeq`` from others)."""
+        ``readSeq`` from others) and ``peers`` (each other member's ``userId,
+        deliveredSeq, readSeq``: what the user's messages reached)."""
         ...
 
     async def members(self, chat_ids: Sequence[str]) -> dict[str, frozenset[str]]:

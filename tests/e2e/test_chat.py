@@ -36,6 +36,14 @@ async def test_message_is_acked_delivered_and_receipted(conveyor: App, app_db: A
             break
         await asyncio.sleep(0.1)
     assert (row["delivered_seq"], row["read_seq"]) == (1, 1)
+    # The sender hears where Bob's pointers now stand (for delivered/read ticks)...
+    told = await a.expect(lambda f: f.get("event") == "receipt"
+                          and f["data"].get("readSeq") == 1, timeout=10)
+    assert told["data"] == {"chatId": chat, "userId": bob, "deliveredSeq": 1, "readSeq": 1}
+    # ...and reads the same from the chat list after a reload.
+    async with httpx.AsyncClient(base_url=conveyor.base_url, headers=conveyor.auth(alice)) as h:
+        (listed,) = [c for c in (await h.get("/v1/chats")).json()["chats"] if c["chatId"] == chat]
+    assert listed["peers"] == [{"userId": bob, "deliveredSeq": 1, "readSeq": 1}]
     # The sender's own message is not echoed on the connection that sent it.
     assert not [f for f in await a.drain(0.5) if f["type"] == "message"]
     await a.close()

@@ -13,7 +13,7 @@ from adapters.postgres.chats import PostgresChats
 from adapters.postgres.messages import PostgresMessages
 from adapters.postgres.migrations import migrate
 from adapters.postgres.outbox import PostgresOutbox
-from stages.ports import AttachmentRecord, ChatDraft, Receipt
+from stages.ports import AttachmentRecord, ChatDraft, PointerMove, Receipt
 
 
 class PostgresStore:
@@ -100,9 +100,15 @@ async def test_receipts_are_cumulative_and_never_move_back(db_pool: asyncpg.Pool
     chat = await store.create_chat("alice", ["bob"], None)
     stored = await store.persist([draft(chat, str(i)) for i in range(5)])
     ids = [s.message_id for s in stored]
-    assert await store.apply_receipts([Receipt("bob", ids[3], "delivered")]) == 1
-    await store.apply_receipts([Receipt("bob", ids[1], "read"), Receipt("eve", ids[4], "read"),
-                                Receipt("bob", "no-such-message", "read")])
+    assert await store.apply_receipts([Receipt("bob", ids[3], "delivered")]) == [
+        PointerMove(chat, "bob", 4, 0)]
+    moved = await store.apply_receipts([Receipt("bob", ids[1], "read"), Receipt("eve", ids[4], "read"),
+                                        Receipt("bob", "no-such-message", "read")])
+    assert moved == [PointerMove(chat, "bob", 4, 2)]
+    # A repeat moves nothing.
+    assert await store.apply_receipts([Receipt("bob", ids[1], "read")]) == []
+    (peer,) = (await store.chats_of("alice"))[0]["peers"]
+    assert peer == {"userId": "bob", "deliveredSeq": 4, "readSeq": 2}
     (p,) = await store.pointers("bob", chat)
     assert (p.delivered_seq, p.read_seq, p.last_seq) == (4, 2, 5)
     assert await store.pointers("eve", chat) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from stages.chat import ApplyReceipts, DeliverChat, PersistChat, ValidateChat
@@ -59,3 +60,27 @@ async def test_receipts_are_validated_and_applied_in_one_call() -> None:
     out = await ApplyReceipts(store).process([good, bad_ids, bad_status])
     assert [o.verdict for o in out] == [Verdict.DONE, Verdict.REJECT, Verdict.REJECT]
     assert store.receipts == [Receipt("bob", "m1", "read"), Receipt("bob", "m2", "read")]
+
+
+async def test_receipts_move_pointers_and_the_other_members_hear_where_they_stand() -> None:
+    from stages.ports import PointerMove
+
+    class Moving(FakeMessages):
+        async def apply_receipts(self, receipts: Sequence[Receipt]) -> list[PointerMove]:
+            await super().apply_receipts(receipts)
+            return [PointerMove("c1", "bob", 3, 2)]
+
+    store, hub = Moving(), FakeHub()
+    env = Envelope(type="receipt", id="", sender="bob",
+                   fields={"messageIds": ["m-1", "m-2"], "status": "read"})
+    (out,) = await ApplyReceipts(store, hub, FakeDirectory({"c1": {"alice", "bob", "carol"}})
+                                 ).process([env])
+    assert out.verdict is Verdict.DONE and [r.message_id for r in store.receipts] == ["m-1", "m-2"]
+    (sent,) = hub.published
+    assert sent.users == ["alice", "carol"]  # not the reader
+    assert sent.frame == {"type": "system", "event": "receipt", "data": {
+        "chatId": "c1", "userId": "bob", "deliveredSeq": 3, "readSeq": 2}}
+    # Nothing moved (a repeat): nobody is told anything.
+    hub.published.clear()
+    await ApplyReceipts(FakeMessages(), hub, FakeDirectory({})).process([env])
+    assert hub.published == []
