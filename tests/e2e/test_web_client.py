@@ -12,6 +12,7 @@ Screenshots are kept in ``test-artifacts/web/`` (stable names, overwritten each 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -100,6 +101,13 @@ class Person:
     def __init__(self, ctx: Any, page: Any, user: str) -> None:
         self.ctx, self.page, self.user = ctx, page, user
         self.urls: list[str] = []
+        self.sent: list[dict[str, Any]] = []       # WebSocket frames the page sent
+        self.received: list[dict[str, Any]] = []   # and those it received
+
+    def on_websocket(self, ws: Any) -> None:
+        self.urls.append(ws.url)
+        ws.on("framesent", lambda payload: self.sent.append(frame_of(payload)))
+        ws.on("framereceived", lambda payload: self.received.append(frame_of(payload)))
 
     def message(self, text: str) -> Any:
         return self.page.locator("#messages li.msg", has_text=text)
@@ -109,12 +117,20 @@ class Person:
         await self.page.screenshot(path=str(ARTIFACTS / file), full_page=True)
 
 
+def frame_of(payload: str | bytes) -> dict[str, Any]:
+    try:
+        frame = json.loads(payload)
+    except ValueError:
+        return {}
+    return frame if isinstance(frame, dict) else {}
+
+
 async def open_person(browser: Any, app: App, user: str | None, **ctx_opts: Any) -> Person:
     ctx = await browser.new_context(viewport={"width": 1100, "height": 820}, **ctx_opts)
     page = await ctx.new_page()
     person = Person(ctx, page, user or "")
     ctx.on("request", lambda req: person.urls.append(req.url))
-    page.on("websocket", lambda ws: person.urls.append(ws.url))
+    page.on("websocket", person.on_websocket)
     await page.goto(f"{app.base_url}/app")
     if user is not None:
         await expect(page.get_by_label("User name")).to_be_focused()
@@ -168,7 +184,8 @@ async def test_two_people_chat(browser: Any, web_app: App) -> None:
             "data-online", "true")
 
         # Send → Bob's list shows the chat with one unread and the last message; Alice's
-        # tick says delivered (Bob's client received it), then read once Bob opens it.
+        # tick says delivered (Bob's client acked it to the server, which tells Alice), then
+        # read once Bob opens it.
         await a.get_by_label("Message", exact=True).fill("hello bob")
         await a.keyboard.press("Enter")
         mine = alice.message("hello bob")
@@ -271,6 +288,51 @@ async def test_two_people_chat(browser: Any, web_app: App) -> None:
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
         await expect(alice.message("three").locator(".ticks")).to_have_attribute("data-status", "read")
         await bob.shot("bob-caught-up.png")
+
+        # The ticks came through the server: Bob's page acked with `receipt` frames, its
+        # signals were typing ones only, and Alice's page got `receipt` system events.
+        assert {"delivered", "read"} <= {f.get("status") for f in bob.sent if f.get("type") == "receipt"}
+        signalled = [f["payload"] for f in bob.sent if f.get("type") == "signal"]
+        assert signalled and all(set(p) <= {"typing", "chatId"} for p in signalled), signalled
+        events = [f["data"] for f in alice.received
+                  if f.get("type") == "system" and f.get("event") == "receipt"]
+        assert any(e["userId"] == bob_id and e["readSeq"] >= 1 for e in events), events
+
+        # A receipt Alice is away for reaches her through the chat list when she reconnects:
+        # Bob is offline when she sends "four", she goes offline, Bob comes back and reads it.
+        await bob.ctx.set_offline(True)
+        await expect(b.locator("#conn-state")).to_have_attribute("data-state", "offline")
+        await a.get_by_label("Message", exact=True).fill("four")
+        await a.keyboard.press("Enter")
+        four = alice.message("four").locator(".ticks")
+        await expect(four).to_have_attribute("data-status", "sent")
+        four_seq = int(await alice.message("four").get_attribute("data-seq") or 0)
+        await alice.ctx.set_offline(True)
+        await expect(a.locator("#conn-state")).to_have_attribute("data-state", "offline")
+        await bob.ctx.set_offline(False)
+        await expect(bob.message("four").locator(".body")).to_have_text("four")
+        async with httpx.AsyncClient(base_url=web_app.base_url, headers=web_app.auth(alice_id)) as http:
+            for _ in range(200):
+                (row,) = (await http.get("/v1/chats")).json()["chats"]
+                if row["peers"][0]["readSeq"] >= four_seq:
+                    break
+                await asyncio.sleep(0.1)
+            assert row["peers"] == [{"userId": bob_id, "deliveredSeq": four_seq, "readSeq": four_seq}], row
+        await expect(four).to_have_attribute("data-status", "sent")     # still away
+        await alice.ctx.set_offline(False)
+        await expect(a.locator("#conn-state")).to_have_attribute("data-state", "connected")
+        await expect(four).to_have_attribute("data-status", "read")
+
+        # After a reload Alice's earlier messages still show read ticks (from the chat list).
+        await a.reload()
+        await expect(a.locator("#conn-state")).to_have_attribute("data-state", "connected")
+        await a.locator("#chat-list li").filter(has_text=bob_id).get_by_role("button").click()
+        for text in ("one", "two", "three", "four"):
+            ticks = alice.message(text).locator(".ticks")
+            await expect(ticks).to_have_attribute("data-status", "read")
+            await expect(ticks).to_have_attribute("aria-label", f"Read by {bob_id}")
+        await expect(alice.message("noise.png").locator(".ticks")).to_have_attribute("data-status", "read")
+        await alice.shot("alice-reloaded.png")
         assert_same_origin(web_app, alice, bob)
     finally:
         await alice.ctx.close()

@@ -49,13 +49,24 @@ function newChat(c) {
     low: null,             // lowest seq loaded
     tail: 0,               // highest seq loaded with nothing missing below it (down to low)
     loaded: false,
-    // what this client told the server and the peers
+    // what this client told the server (its own pointers)
     deliveredSent: c.deliveredSeq || 0, readSent: c.readSeq || 0,
     deliveredQueued: null, readQueued: null,
-    peerSignalled: { delivered: c.deliveredSeq || 0, read: c.readSeq || 0 },
-    peers: new Map(),      // userId -> {delivered, read}: receipts the peers' clients reported
+    // userId -> {delivered, read}: the other members' pointers as the server reports them
+    // (`peers` in GET /v1/chats, then `receipt` system events); the ticks come from these
+    peers: peersFrom(c.peers),
     typing: new Map(),     // userId -> expiry (ms)
   };
+}
+
+function peersFrom(list) {
+  const peers = new Map();
+  for (const p of Array.isArray(list) ? list : []) {
+    if (p && typeof p.userId === "string") {
+      peers.set(p.userId, { delivered: Number(p.deliveredSeq) || 0, read: Number(p.readSeq) || 0 });
+    }
+  }
+  return peers;
 }
 
 function chatName(chat) {
@@ -314,13 +325,18 @@ async function refreshChats() {
       chat.lastSeq = Math.max(chat.lastSeq, c.lastSeq);
       chat.unreadCount = S.openId === c.chatId && !document.hidden ? 0 : c.unreadCount;
       chat.unreadUpto = Math.max(chat.unreadUpto, c.lastSeq);
+      // Receipt events sent while this client was away are in the listed positions.
+      for (const [userId, p] of peersFrom(c.peers)) movePeer(chat, userId, p.delivered, p.read);
       if (!chat.loaded) loads.push(loadTail(chat));
     }
   }
   await Promise.all(loads);
   await refreshPresence();
   renderChatList();
-  if (S.openId) renderConversationHead();
+  if (S.openId) {
+    renderConversationHead();
+    renderTicks(S.chats.get(S.openId));
+  }
 }
 
 /** The newest page of a chat (then whatever is newer still). */
@@ -765,8 +781,8 @@ function stopTyping() {
 }
 
 // --- receipts -------------------------------------------------------------------------
-/** The client's ACK (a `receipt` frame, cumulative per chat) for an item it received, and
- * a `signal` to the senders so their clients can show delivered/read ticks. */
+/** The client's ACK (a `receipt` frame, cumulative per chat) for an item it received. The
+ * server moves this member's pointers and tells the chat's other members (their ticks). */
 function noteDelivered(chat, item) {
   const id = item.eventId || item.messageId;
   if (!chat.deliveredQueued || item.seq > chat.deliveredQueued.seq) chat.deliveredQueued = { seq: item.seq, id };
@@ -792,14 +808,6 @@ function queueReceipts() {
   S.receiptTimer = setTimeout(flushReceipts, 150);
 }
 
-function sendersBetween(chat, lo, hi) {
-  const who = new Set();
-  for (const it of chat.items.values()) {
-    if (it.type === "message" && it.seq > lo && it.seq <= hi && it.senderId !== S.me) who.add(it.senderId);
-  }
-  return who;
-}
-
 function flushReceipts() {
   S.receiptTimer = null;
   if (!S.conn || S.conn.state !== "connected") return;
@@ -814,33 +822,40 @@ function flushReceipts() {
       chat.readSent = Math.max(chat.readSent, r.seq);
       chat.deliveredSent = Math.max(chat.deliveredSent, r.seq);
     }
-    // Tell the senders (read implies delivered): one signal per sender and flush.
-    const ps = chat.peerSignalled;
-    const readTo = sendersBetween(chat, ps.read, chat.readSent);
-    const delTo = sendersBetween(chat, ps.delivered, chat.deliveredSent);
-    for (const u of readTo) signal(u, { receipt: { chatId: chat.chatId, seq: chat.readSent, status: "read" } });
-    for (const u of delTo) {
-      if (!readTo.has(u)) signal(u, { receipt: { chatId: chat.chatId, seq: chat.deliveredSent, status: "delivered" } });
-    }
-    ps.read = Math.max(ps.read, chat.readSent);
-    ps.delivered = Math.max(ps.delivered, chat.deliveredSent);
   }
 }
 
-function onPeerReceipt(from, r) {
-  const chat = S.chats.get(r.chatId);
-  if (!chat || !chat.members.includes(from) || !Number.isInteger(r.seq)) return;
-  const p = chat.peers.get(from) || { delivered: 0, read: 0 };
-  if (r.status === "read") p.read = Math.max(p.read, r.seq);
-  p.delivered = Math.max(p.delivered, r.seq);
-  chat.peers.set(from, p);
-  if (chat.chatId !== S.openId) return;
+/** Move another member's pointers forward (they only grow: events may arrive out of order
+ * or after the chat list already had them); true when something moved. */
+function movePeer(chat, userId, delivered, read) {
+  if (userId === S.me) return false;
+  const p = chat.peers.get(userId) || { delivered: 0, read: 0 };
+  const next = { delivered: Math.max(p.delivered, delivered || 0), read: Math.max(p.read, read || 0) };
+  if (next.delivered === p.delivered && next.read === p.read && chat.peers.has(userId)) return false;
+  chat.peers.set(userId, next);
+  return true;
+}
+
+/** A `receipt` system event: a member's pointers moved on the server. */
+function onPeerReceipt(d) {
+  const chat = S.chats.get(d.chatId);
+  if (!chat || typeof d.userId !== "string") return;
+  const delivered = Number.isInteger(d.deliveredSeq) ? d.deliveredSeq : 0;
+  const read = Number.isInteger(d.readSeq) ? d.readSeq : 0;
+  if (movePeer(chat, d.userId, delivered, read)) renderTicks(chat);
+}
+
+/** Redraw the ticks of my messages in the open chat where their state changed. */
+function renderTicks(chat) {
+  if (!chat || chat.chatId !== S.openId) return;
   for (const li of $("messages").querySelectorAll("li.msg.mine[data-seq]")) {
     const m = chat.byId.get(li.dataset.messageId);
     if (!m) continue;
     const t = tickState(chat, m);
     const box = li.querySelector(".ticks");
-    if (box && box.dataset.status !== t.status) box.replaceWith(ticksView(t.status, t.label));
+    if (box && (box.dataset.status !== t.status || box.getAttribute("aria-label") !== t.label)) {
+      box.replaceWith(ticksView(t.status, t.label));
+    }
   }
 }
 
@@ -984,7 +999,6 @@ async function onAck(f) {
 
 function onSignal(f) {
   const payload = f.payload || {};
-  if (payload.receipt && typeof payload.receipt === "object") return onPeerReceipt(f.from, payload.receipt);
   if (typeof payload.typing === "boolean") {
     // chatId is ours; a bare {"typing": true} (README's example) means every chat shared with them.
     const chats = payload.chatId ? [S.chats.get(payload.chatId)] : [...S.chats.values()];
@@ -1002,6 +1016,9 @@ function onSignal(f) {
 function onSystem(f) {
   const d = f.data || {};
   switch (f.event) {
+    case "receipt":
+      onPeerReceipt(d);
+      break;
     case "presence":
       S.presence.set(d.userId, { online: !!d.online, lastSeen: d.lastSeen });
       renderChatList();
