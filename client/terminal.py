@@ -7,8 +7,8 @@ One chat at a time, on one WebSocket (:class:`client.ws.WsClient`):
 - **live messages**: ``message`` and ``command`` frames of the chat as they arrive, each
   shown once (a redelivery of a message already shown is receipted again, not printed);
 - **receipts**: every message shown is receipted ``read`` to the server (receipts are
-  cumulative, so the server stops redelivering it), and the sender is told over a ``signal``
-  (``{"kind": "receipt", ...}``), so the sender's screen shows ``✓✓ bob read #5``;
+  cumulative, so the server stops redelivering it); the server tells the chat's other
+  members (a ``system`` ``receipt`` frame), so the sender's screen shows ``✓✓ bob read #5``;
 - **typing**: the first keystroke of a line (then at most every few seconds) sends a
   ``signal`` ``{"kind": "typing"}`` to the other members, shown as ``… alice is typing``;
 - **reconnect with catch-up**: when the socket drops the client reconnects with backoff,
@@ -296,10 +296,10 @@ class TerminalChat:
         self._typing_sent = now
         asyncio.get_running_loop().create_task(self._signal_all({"kind": "typing"}))
 
-    async def _signal_all(self, payload: dict[str, Any], to: list[str] | None = None) -> None:
+    async def _signal_all(self, payload: dict[str, Any]) -> None:
         if self.client is None:
             return
-        for other in self.others if to is None else to:
+        for other in self.others:
             with contextlib.suppress(ConnectionClosed):
                 await self.client.signal(other, {**payload, "chatId": self.chat_id})
 
@@ -411,13 +411,10 @@ class TerminalChat:
             self.screen.line(f"! {f.get('code')}: {f.get('message')}")
 
     async def _receipt(self, message: Frame) -> None:
-        """Receipt ``read`` to the server (cumulative: it covers every earlier message), and
-        tell the sender over a signal so the sender's screen can show it."""
+        """Receipt ``read`` to the server (cumulative: it covers every earlier message)."""
         assert self.client is not None
         with contextlib.suppress(ConnectionClosed):
             await self.client.receipt([message["messageId"]], "read")
-        await self._signal_all({"kind": "receipt", "status": "read", "seq": message["seq"]},
-                               to=[message["senderId"]])
 
     def _print_event(self, item: Frame) -> None:
         seq, who = item.get("seq"), item.get("senderId") or item.get("by")
@@ -446,16 +443,17 @@ class TerminalChat:
             if now - self._typing_shown.get(sender, -1e9) >= TYPING_EVERY_S:
                 self._typing_shown[sender] = now
                 self.screen.line(f"… {sender} is typing")
-        elif payload.get("kind") == "receipt" and isinstance(payload.get("seq"), int):
-            if payload["seq"] > self._read_shown.get(sender, 0):
-                self._read_shown[sender] = payload["seq"]
-                self.screen.line(f"✓✓ {sender} read #{payload['seq']}")
 
     def _show_system(self, f: Frame) -> None:
         event, data = f.get("event"), f.get("data") or {}
         if event == "presence":
             if data.get("userId") in self.members:
                 self.screen.line(f"* {data.get('userId')} is {'online' if data.get('online') else 'offline'}")
+        elif event == "receipt" and data.get("chatId") == self.chat_id:
+            who, read = str(data.get("userId")), data.get("readSeq")
+            if isinstance(read, int) and read > self._read_shown.get(who, 0):
+                self._read_shown[who] = read
+                self.screen.line(f"✓✓ {who} read #{read}")
         elif event == "reconnect":
             self.screen.line("-- the server asks to reconnect")
         elif event in ("credits_low", "credits_exhausted", "overload"):
