@@ -7,6 +7,15 @@ histograms across processes and keeps each process's latest gauges (a process si
 cluster. Losing the actor loses history: counters restart from zero, which Prometheus
 treats as a counter reset. Ray's own metrics (Serve, actors) are exported by each node's
 metrics agent as usual.
+
+Every process also records the same metrics through Ray's metrics pipeline
+(``ray.util.metrics``, see :class:`RayMetrics`), so each node's metrics agent exports them
+beside Ray's and Serve's own, prefixed ``ray_`` (``conveyor_buffer_depth`` →
+``ray_conveyor_buffer_depth``, ``conveyor_acks_total`` → ``ray_conveyor_acks_total``,
+histograms as ``ray_..._bucket``/``_sum``/``_count``), each series tagged with the node and
+worker besides Conveyor's labels: one Prometheus scrape, through Ray's service-discovery file, sees everything
+(``monitoring/``). Counters and gauges are handed over at each push, histograms at each
+observation; the gauges read at scrape time go over with each ``/metrics`` scrape.
 """
 
 from __future__ import annotations
@@ -85,19 +94,96 @@ def labels(**kv: Any) -> Labels:
     return tuple(sorted((k, str(v)) for k, v in kv.items()))
 
 
+class RayMetrics:
+    """Conveyor's metrics through Ray's metrics pipeline (``ray.util.metrics``): one Ray
+    ``Counter``/``Gauge``/``Histogram`` per name and set of label keys, created on first use,
+    tagged with the labels. Only in a process connected to Ray; if Ray refuses a metric it
+    is logged once and skipped, never raised into the caller."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._enabled: bool | None = None
+        self._refused: set[str] = set()
+
+    @property
+    def enabled(self) -> bool:
+        if self._enabled is None:
+            self._enabled = ray.is_initialized()
+        return self._enabled
+
+    def _metric(self, kind: str, name: str, keys: tuple[str, ...]) -> Any:
+        metric = self._metrics.get((name, keys))
+        if metric is None and name not in self._refused:
+            from ray.util import metrics as ray_metrics
+
+            help_text = METRICS.get(name, ("", ""))[1] or name
+            try:
+                if kind == "counter":
+                    metric = ray_metrics.Counter(name, help_text, keys)
+                elif kind == "gauge":
+                    metric = ray_metrics.Gauge(name, help_text, keys)
+                else:
+                    metric = ray_metrics.Histogram(name, help_text, list(BUCKETS), keys)
+            except Exception as exc:
+                self._refused.add(name)
+                log.warning("metric %s not recorded through Ray: %r", name, exc)
+                return None
+            self._metrics[(name, keys)] = metric
+        return metric
+
+    def _record(self, kind: str, name: str, lb: Labels, value: float) -> None:
+        if not self.enabled:
+            return
+        metric = self._metric(kind, name, tuple(k for k, _ in lb))
+        if metric is None:
+            return
+        tags = dict(lb)
+        try:
+            if kind == "counter":
+                if value > 0:
+                    metric.inc(value, tags)
+            elif kind == "gauge":
+                metric.set(value, tags)
+            else:
+                metric.observe(value, tags)
+        except Exception as exc:
+            if name not in self._refused:
+                self._refused.add(name)
+                log.warning("metric %s not recorded through Ray: %r", name, exc)
+
+    def counters(self, deltas: dict[tuple[str, Labels], float]) -> None:
+        for (name, lb), v in deltas.items():
+            self._record("counter", name, lb, v)
+
+    def gauges(self, values: dict[tuple[str, Labels], float]) -> None:
+        for (name, lb), v in values.items():
+            self._record("gauge", name, lb, finite(v))
+
+    def observe(self, name: str, lb: Labels, value: float) -> None:
+        self._record("histogram", name, lb, value)
+
+
 class Recorder:
-    """Process-local metrics; ``drain()`` hands over what accumulated since last time."""
+    """Process-local metrics; ``drain()`` hands over what accumulated since last time.
+    Histograms also go to Ray's pipeline as observed; ``drain_for_ray()`` hands counters
+    over to it separately, so a push retried to the Telemetry actor is not counted twice
+    there."""
 
     def __init__(self) -> None:
         self.counters: dict[tuple[str, Labels], float] = defaultdict(float)
         self.hist: dict[tuple[str, Labels], list[float]] = {}
         self.gauges: dict[tuple[str, Labels], float] = {}
+        self.ray = RayMetrics()
+        self._ray_counters: dict[tuple[str, Labels], float] = defaultdict(float)
 
     def inc(self, name: str, value: float = 1.0, **kv: Any) -> None:
-        self.counters[(name, labels(**kv))] += value
+        key = (name, labels(**kv))
+        self.counters[key] += value
+        self._ray_counters[key] += value
 
     def observe(self, name: str, value: float, **kv: Any) -> None:
         key = (name, labels(**kv))
+        self.ray.observe(name, key[1], value)
         h = self.hist.get(key)
         if h is None:
             h = self.hist[key] = [0.0] * (len(BUCKETS) + 2)  # buckets..., +Inf, sum
@@ -116,6 +202,12 @@ class Recorder:
         counters, self.counters = dict(self.counters), defaultdict(float)
         hist, self.hist = self.hist, {}
         return counters, hist, dict(self.gauges)
+
+    def drain_for_ray(self) -> None:
+        """Counter deltas since the last call and the current gauges, to Ray's pipeline."""
+        counters, self._ray_counters = self._ray_counters, defaultdict(float)
+        self.ray.counters(counters)
+        self.ray.gauges(self.gauges)
 
 
 # How each kind of metric is built by the library; "unknown" is exported as untyped.
@@ -273,6 +365,7 @@ class MetricsPusher:
     async def flush(self) -> None:
         if self.refresh is not None:
             self.refresh(self.recorder)
+        self.recorder.drain_for_ray()
         counters, hist, gauges = self.recorder.drain()
         try:
             await self.actor.push.remote(self.source, counters, hist, gauges)
@@ -291,6 +384,10 @@ class MetricsPusher:
             await self.flush()
 
     async def scrape(self, live_gauges: dict[Any, float]) -> str:
+        # The gauges read at scrape time (hub, outbox, delivery backlog) go to Ray's
+        # pipeline too; the hub's shed counts are running totals, not deltas: not those.
+        self.recorder.ray.gauges({k: v for k, v in live_gauges.items()
+                                  if METRICS.get(k[0], ("",))[0] == "gauge"})
         await self.flush()
         counters, hist, gauges = await self.actor.snapshot.remote()
         gauges.update(live_gauges)
