@@ -17,6 +17,13 @@ stage layout in turn and reports their ratio too.
     python -m bench.chat --spawn --pairs 10 --messages 300 --inflight 20 --baseline \\
         --topology fused,split
     python -m bench.chat --url http://127.0.0.1:8000 --data-dir DIR --pairs 5
+    python -m bench.chat --spawn --pairs 20 --messages 1000 --rate 1000 --baseline
+
+``--rate R`` is an open loop: R messages per second in total, each sent at its scheduled
+time whatever the server does, latencies counted from that time. Every run also reports
+the CPU each process group spent (``cpuByProcess``: Serve proxy, Gateway, stage host,
+hub, credit and dedup actors, PostgreSQL backends, Ray's daemons, the load client), from
+``/proc``, as a share of one core and in milliseconds per message.
 
 ``--spawn`` starts a local Ray (2 CPUs), an embedded PostgreSQL in a temporary directory
 and Serve on a free port, and tears all of it down at the end. ``--url`` measures a
@@ -52,6 +59,7 @@ from typing import Any
 import httpx
 import orjson
 
+from bench import proc_cpu
 from client import WsClient, create_chat
 
 APP_NAME = "bench"
@@ -137,6 +145,8 @@ class ChatRun:
     ended: float
     timed_out: bool
     client_cpu_s: float
+    process_cpu_s: dict[str, float] = field(default_factory=dict)
+    rate: float | None = None
 
     def summary(self) -> dict[str, Any]:
         ps = self.pairs
@@ -170,7 +180,15 @@ class ChatRun:
             "systemFrames": dict(sum((p.system for p in ps), Counter())),
             "clientCpuShare": round(self.client_cpu_s / wall, 2),
             "timedOut": self.timed_out,
+            "offeredRate": self.rate,
         }
+        # CPU per process group over the run (this machine's /proc): share of one core,
+        # and milliseconds per message delivered and receipted.
+        out["cpuByProcess"] = {
+            g: {"coreShare": round(sec / wall, 3), "msPerMessage": round(sec * 1000 / max(done, 1), 3)}
+            for g, sec in self.process_cpu_s.items()}
+        server = sum(sec for g, sec in self.process_cpu_s.items() if g != "load-client")
+        out["serverCpuMsPerMessage"] = round(server * 1000 / max(done, 1), 3)
         if all(p.stored is not None for p in ps):
             stored_ids = [m for p in ps for m, _ in p.stored or ()]
             out["stored"] = len(stored_ids)
@@ -195,7 +213,11 @@ def percentiles(values: Any) -> dict[str, float | None]:
 
 # --- the load ---------------------------------------------------------------------------
 async def _sender(pair: Pair, client: WsClient, messages: int, inflight: int, pad: str,
-                  settled: asyncio.Event) -> None:
+                  settled: asyncio.Event, interval_s: float | None = None) -> None:
+    """Closed loop (at most ``inflight`` unacked) or, with ``interval_s``, open loop: the
+    i-th message is due at start + i × interval whatever the acks, and latencies count
+    from that due time, so a slow server cannot slow the load down (no coordinated
+    omission)."""
     window = asyncio.Semaphore(inflight)
     pending: dict[str, float] = {}
     prefix = f"{pair.sender}-"
@@ -214,12 +236,14 @@ async def _sender(pair: Pair, client: WsClient, messages: int, inflight: int, pa
                     pair.rejections[(f.get("error") or {}).get("code", "?")] += 1
                 else:
                     pair.acks[f["id"]] = f
-                window.release()
+                if interval_s is None:
+                    window.release()
             elif t == "error":
                 pair.errors[f.get("code", "?")] += 1
                 if pending.pop(f.get("id"), None) is not None:
                     pair.rejections[f"error:{f.get('code')}"] += 1
-                    window.release()
+                    if interval_s is None:
+                        window.release()
             elif t == "system":
                 pair.system[f.get("event", "?")] += 1
             else:
@@ -231,12 +255,19 @@ async def _sender(pair: Pair, client: WsClient, messages: int, inflight: int, pa
                 return
 
     reader = asyncio.create_task(read())
+    t0, wall0 = time.perf_counter(), time.time()
     try:
         for i in range(messages):
-            await window.acquire()
             cid = f"{prefix}{i}"
-            pending[cid] = time.perf_counter()
-            body = f"{time.time():.6f} {i}{pad}"
+            if interval_s is None:
+                await window.acquire()
+                pending[cid] = time.perf_counter()
+                body = f"{time.time():.6f} {i}{pad}"
+            else:
+                due = i * interval_s
+                await asyncio.sleep(max(0.0, t0 + due - time.perf_counter()))
+                pending[cid] = t0 + due
+                body = f"{wall0 + due:.6f} {i}{pad}"
             await client.ws.send(orjson.dumps(
                 {"type": "chat", "id": cid, "chatId": pair.chat_id, "body": body}).decode())
             pair.sent += 1
@@ -296,9 +327,10 @@ async def _receiver(pair: Pair, client: WsClient, receipt_s: float, senders_sett
 
 async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
                    receipt_ms: float = 5.0, body_bytes: int = 0, timeout_s: float = 180.0,
-                   verify: bool | None = None) -> ChatRun:
+                   verify: bool | None = None, rate: float | None = None) -> ChatRun:
     """The benchmark's core: one load point against ``target``; returns every pair's
-    record (``.summary()`` gives the JSON figures)."""
+    record (``.summary()`` gives the JSON figures). ``rate``: open loop, that many
+    messages per second in total across the pairs (``inflight`` is then ignored)."""
     verify = target.verify if verify is None else verify
     tag = uuid.uuid4().hex[:6]
     ps = [Pair(i, f"bs{tag}-{i}", f"br{tag}-{i}") for i in range(pairs)]
@@ -316,9 +348,11 @@ async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
     done = [asyncio.Event() for _ in ps]
     receiving = [asyncio.create_task(_receiver(p, c, receipt_ms / 1000, all_settled, d))
                  for p, c, d in zip(ps, receivers, done, strict=True)]
+    interval = pairs / rate if rate else None
+    procs0 = proc_cpu.snapshot()
     cpu0 = time.process_time()
     started = time.perf_counter()
-    sending = [asyncio.create_task(_sender(p, c, messages, inflight, pad, s))
+    sending = [asyncio.create_task(_sender(p, c, messages, inflight, pad, s, interval))
                for p, c, s in zip(ps, senders, settled, strict=True)]
     timed_out = False
     try:
@@ -331,6 +365,7 @@ async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
         log(f"{target.name}: timed out after {timeout_s:.0f} s")
     ended = max((p.receiver_done_at or time.perf_counter() for p in ps), default=time.perf_counter())
     cpu = time.process_time() - cpu0
+    procs = proc_cpu.delta(procs0, proc_cpu.snapshot())
     for t in sending:
         t.cancel()
     try:
@@ -341,7 +376,8 @@ async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
             t.cancel()
         await asyncio.gather(*sending, *receiving, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in [*senders, *receivers]), return_exceptions=True)
-    return ChatRun(target.name, ps, messages, inflight, started, ended, timed_out, cpu)
+    return ChatRun(target.name, ps, messages, inflight, started, ended, timed_out, cpu, procs,
+                   rate)
 
 
 async def _read_back(target: Target, ps: list[Pair], settle_s: float = 15.0) -> None:
@@ -546,6 +582,7 @@ class Load:
     timeout_s: float = 180.0
     warmup: bool = True
     repeat: int = 1
+    rate: float | None = None  # open loop: messages/s offered in total
 
     async def run(self, target: Target) -> dict[str, Any]:
         """A warm-up (not counted), then ``repeat`` measurements with fresh users and
@@ -558,7 +595,7 @@ class Load:
         for _ in range(max(1, self.repeat)):
             result = await run_chat(target, self.pairs, self.messages, self.inflight,
                                     receipt_ms=self.receipt_ms, body_bytes=self.body_bytes,
-                                    timeout_s=self.timeout_s)
+                                    timeout_s=self.timeout_s, rate=self.rate)
             s = result.summary()
             summaries.append(s)
             log(f"{target.name}: {s['msgsPerS']} msg/s, lost {s['lost']}, "
@@ -630,6 +667,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=10)
     p.add_argument("--messages", type=int, default=300, help="messages per sender")
     p.add_argument("--inflight", type=int, default=20, help="unacked messages per sender")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop: offer this many messages/s in total across the pairs "
+                        "(latency from each message's scheduled send time; --inflight ignored)")
     p.add_argument("--receipt-ms", type=float, default=5.0, help="receipt batching interval")
     p.add_argument("--body-bytes", type=int, default=0, help="pad bodies to about this size")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds for one load point")
@@ -675,7 +715,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
     load = Load(args.pairs, args.messages, args.inflight, args.receipt_ms, args.body_bytes,
-                args.timeout, not args.no_warmup, args.repeat)
+                args.timeout, not args.no_warmup, args.repeat, args.rate)
     if args.spawn:
         out = asyncio.run(measure_spawned(load, args.topologies, args.baseline, args.gateways,
                                           args.cpu, dict(_setting(s) for s in args.set)))

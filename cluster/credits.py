@@ -16,11 +16,12 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import ray
 
 from cluster.sharding import named_actor, shard_of
-from stages.buckets import TokenBuckets
+from stages.buckets import Lease, TokenBuckets
 from stages.ports import Debit
 
 # The bank's per-user buckets: the shared token-bucket arithmetic, keyed by user.
@@ -45,6 +46,17 @@ class CreditShard:
             self.buckets.forget_idle(now)
         return out
 
+    async def lease(self, requests: Sequence[tuple[str, int]]) -> list[Lease]:
+        """Per (user, wanted): as many credits as the user's bucket holds, up to wanted."""
+        now = time.monotonic()
+        return [self.buckets.take(user, want, now) for user, want in requests]
+
+    async def refund(self, returns: Sequence[tuple[str, int]]) -> None:
+        """Credits leased and not spent come back (never above capacity)."""
+        now = time.monotonic()
+        for user, n in returns:
+            self.buckets.give(user, n, now)
+
     async def stats(self) -> dict[str, int]:
         return {"users": len(self.buckets), "granted": self.granted, "refused": self.refused}
 
@@ -60,13 +72,28 @@ class CreditBankClient:
         ]
 
     async def debit(self, requests: Sequence[tuple[str, int]]) -> list[Debit]:
+        return await self._sharded("debit", requests)
+
+    async def lease(self, requests: Sequence[tuple[str, int]]) -> list[Lease]:
+        """Per (user, wanted): up to that many credits, taken from the bank now."""
+        return await self._sharded("lease", requests)
+
+    async def refund(self, returns: Sequence[tuple[str, int]]) -> None:
+        parts: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for user, n in returns:
+            parts[shard_of(user, self.n)].append((user, n))
+        await asyncio.gather(*(self.actors[s].refund.remote(r) for s, r in parts.items()))
+
+    async def _sharded(self, method: str, requests: Sequence[tuple[str, int]]) -> list[Any]:
+        """One call per shard; answers in the order of ``requests``."""
         parts: dict[int, list[int]] = defaultdict(list)
         for i, (user, _) in enumerate(requests):
             parts[shard_of(user, self.n)].append(i)
-        calls = {s: self.actors[s].debit.remote([requests[i] for i in idx]) for s, idx in parts.items()}
+        calls = {s: getattr(self.actors[s], method).remote([requests[i] for i in idx])
+                 for s, idx in parts.items()}
         results = dict(zip(calls, await asyncio.gather(*calls.values()), strict=True))
-        out: list[Debit | None] = [None] * len(requests)
+        out: list[Any] = [None] * len(requests)
         for s, idx in parts.items():
             for i, d in zip(idx, results[s], strict=True):
                 out[i] = d
-        return [d for d in out if d is not None]
+        return out

@@ -137,11 +137,12 @@ class ConnectionHub:
         self._reap()
         routed = 0
         touched: set[str] = set()
-        for users, frame, skip in deliveries:
+        for users, frame, skip, local in deliveries:
             per_gw: dict[str, list[str]] = {}
             for user in users:
                 for gw_name in self.users.get(user, ()):
-                    per_gw.setdefault(gw_name, []).append(user)
+                    if gw_name != local:  # that replica delivers to its own sockets
+                        per_gw.setdefault(gw_name, []).append(user)
             for gw_name, gw_users in per_gw.items():
                 gw = self.gateways[gw_name]
                 gw.mailbox.append(Delivery(gw_users, frame, skip))
@@ -240,12 +241,12 @@ class HubClient:
             await self.actors[0].publish.remote(list(deliveries))
             return
         parts: dict[int, list[Delivery]] = defaultdict(list)
-        for users, frame, skip in deliveries:
+        for users, frame, skip, local in deliveries:
             by_shard: dict[int, list[str]] = defaultdict(list)
             for u in users:
                 by_shard[self.shard(u)].append(u)
             for s, us in by_shard.items():
-                parts[s].append(Delivery(us, frame, skip))
+                parts[s].append(Delivery(us, frame, skip, local))
         await asyncio.gather(*(self.actors[s].publish.remote(d) for s, d in parts.items()))
 
     async def attach(self, gateway: str, conns: Sequence[tuple[str, str]]) -> list[str]:

@@ -73,6 +73,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "conveyor_outbox_lag_seconds": ("gauge", "Age of the oldest pending outbox entry."),
     "conveyor_relay_batch": ("gauge", "Outbox relay batch size chosen by the feedback loop."),
     "conveyor_message_events_total": ("counter", "Analytics events: accepted, delivered, read."),
+    "conveyor_hop_seconds": ("histogram", "Wall time of each hop of a message's path, by hop: "
+                             "queue (gateway buffer), call:<host> (a stage-host call), ack "
+                             "(received to ack written), deliver (commit to recipient socket)."),
     "conveyor_unavailable_total": ("counter", "Items that passed a dependency unchecked, or "
                                    "calls that failed, because it was unreachable, by "
                                    "dependency (credits, dedup, hub) and stage."),

@@ -1,14 +1,17 @@
 """``TypeBatcher``: a gateway's bounded inbound buffer for one message type.
 
-It groups what arrived within ``batch_wait_ms`` and hands batches to the runner one at a
-time, so a connection's messages keep their order. Durable batches are retried from the
-segment that failed; droppable ones are dropped (counted) when a stage refuses them.
+It hands batches to the runner one at a time, so a connection's messages keep their
+order. What arrives while a batch runs forms the next batch; a lone message after a quiet
+spell goes at once, and under load the batcher waits up to ``batch_wait_ms`` for company.
+Durable batches are retried from the segment that failed; droppable ones are dropped
+(counted) when a stage refuses them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from deployments.pipeline_runner import PipelineRunner, RunProgress, blame
@@ -33,7 +36,9 @@ class TypeBatcher:
         on_drop: Callable[[Envelope, str, str], None],
         on_retry: Callable[[str], None] | None = None,
         on_batch: Callable[[str, int], None] | None = None,
+        on_hop: Callable[[str, float], None] | None = None,
     ) -> None:
+        self.on_hop = on_hop  # ("queue", seconds the batch's oldest item waited)
         self.on_retry = on_retry
         self.on_batch = on_batch
         self.spec = spec
@@ -44,6 +49,7 @@ class TypeBatcher:
         self.wait_s = wait_ms / 1000.0
         self.max_batch = max_batch
         self.retries = 0
+        self._loaded = False  # the last batch had more than one item
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -80,7 +86,10 @@ class TypeBatcher:
     async def _loop(self) -> None:
         while True:
             first = await self.queue.get()
-            if self.wait_s > 0:
+            # Idle (the last batch was a lone item): flush at once, no fixed wait. Under
+            # load (the last batch had company) and nothing queued behind this item yet:
+            # wait a moment for more, so the next call carries a batch.
+            if self.wait_s > 0 and self._loaded and self.queue.empty():
                 await asyncio.sleep(self.wait_s)
             batch = [first]
             while len(batch) < self.max_batch:
@@ -88,6 +97,9 @@ class TypeBatcher:
                     batch.append(self.queue.get_nowait())
                 except asyncio.QueueEmpty:
                     break
+            self._loaded = len(batch) > 1
+            if self.on_hop is not None:
+                self.on_hop("queue", time.time() - min(e.received_at for e in batch))
             if not self.spec.variants:
                 await self._process(-1, batch)
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,9 +68,11 @@ class PipelineRunner:
         local_ports: Mapping[str, Any],
         observer: Callable[[str, float, int], None] | None = None,
         call_timeout_s: float = 30.0,
+        on_hop: Callable[[str, float], None] | None = None,
     ) -> None:
         self.observer = observer
         self.call_timeout_s = call_timeout_s
+        self.on_hop = on_hop  # (hop, seconds): the wall time of each call to a stage host
         self.resolver = resolver
         self.registry = registry
         self.hosts = hosts
@@ -115,9 +118,12 @@ class PipelineRunner:
                 if host == LOCAL:
                     results = await self._local_pipeline(type_name, route, start, stop).run(items)
                 else:
+                    t0 = time.perf_counter()
                     results = await asyncio.wait_for(
                         self.handles[host].run.remote(type_name, route, start, stop, items),
                         self.call_timeout_s)
+                    if self.on_hop is not None:
+                        self.on_hop(f"call:{host}", time.perf_counter() - t0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

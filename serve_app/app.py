@@ -29,7 +29,7 @@ from settings import Settings
 log = logging.getLogger("conveyor.app")
 
 # Stages that run inside the gateway: they answer the sender or guard the entrance.
-GATEWAY_STAGES = {"ack", "debit_credits", "track"}
+GATEWAY_STAGES = {"ack", "debit_credits", "track", "deliver_local"}
 # The notification pipeline runs inside the gateway's POST /v1/notifications handler.
 GATEWAY_STAGES |= {"validate_notification", "persist_notification", "route_notification"}
 TOPOLOGIES = ("fused", "split")

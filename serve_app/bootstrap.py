@@ -35,6 +35,7 @@ from adapters.postgres.migrations import migrate, require_current
 from adapters.postgres.notifications import NotificationsStore
 from adapters.postgres.outbox import PostgresOutbox
 from adapters.smtp import SmtpChannel
+from cluster.credit_lease import LeasedCredits
 from cluster.credits import CreditBankClient
 from cluster.dedup import DedupClient
 from cluster.hub import HubClient
@@ -46,7 +47,14 @@ from serve_app.web import web_client_routes
 from settings import Settings
 from stages.builtin import default_registry
 from stages.notifications import Channel, CircuitBreaker, GuardedChannel
-from stages.ports import AttachmentLimits, NotificationLimits, Ports, RateGate, StageDefaults
+from stages.ports import (
+    AttachmentLimits,
+    CreditBank,
+    NotificationLimits,
+    Ports,
+    RateGate,
+    StageDefaults,
+)
 from stages.resolver import Resolver, StageRegistry
 
 log = logging.getLogger("conveyor.bootstrap")
@@ -75,6 +83,13 @@ def verifier(s: Settings) -> JwtVerifier:
         return JwtVerifier(jwks=JwksKeys(s.jwks_url, s.jwks_cache_s, s.jwks_min_refetch_s,
                                          s.jwks_timeout_s), **common)
     return JwtVerifier(dev_key=DevKey(s.data_dir), **common)
+
+
+def credit_bank(s: Settings) -> CreditBank:
+    """The sharded bank, behind a per-process lease of each active user's credits."""
+    bank = CreditBankClient(s.credit_shards, s.credit_capacity, s.credit_refill,
+                            s.credit_interval_s)
+    return LeasedCredits(bank, s.credit_lease, s.credit_lease_idle_s) if s.credit_lease else bank
 
 
 def object_store(s: Settings) -> S3ObjectStore | LocalObjectStore:
@@ -172,8 +187,7 @@ class ProcessWiring:
         tokens = verifier(s)
         ports = Ports(
             store=messages, outbox=outbox, directory=directory, contacts=chats, hub=hub,
-            credits=CreditBankClient(s.credit_shards, s.credit_capacity, s.credit_refill,
-                                     s.credit_interval_s),
+            credits=credit_bank(s),
             dedup=DedupClient(s.dedup_shards, s.signal_dedup_ttl_s),
             objects=objects, attachments=attachments,
             scanner=(ClamdScanner(s.clamd_address, s.clamd_timeout_s)

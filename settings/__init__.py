@@ -60,7 +60,9 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(default=64 * 1024, description="Larger frames get `too_large`.")
     max_body_chars: int = Field(default=4000, description="Longest chat body accepted.")
     batch_wait_ms: float = Field(default=3.0, description=(
-        "How long a gateway collects frames of one type before sending them down as one batch."))
+        "Under load (the previous batch of the type had more than one item), how long a "
+        "gateway waits for more frames before sending a batch down; a lone frame after a "
+        "quiet spell is sent at once."))
     batch_max: int = Field(default=256, description="Most items in one gateway batch.")
     inbound_buffer: int = Field(default=2048, description=(
         "Bounded inbound buffer per gateway replica and message type."))
@@ -89,6 +91,13 @@ class Settings(BaseSettings):
     credit_costs: dict[str, int] = Field(default_factory=dict, description=(
         "Cost per message type, overriding pipelines.yaml (e.g. {\"chat\": 1, \"signal\": 0})."))
     credit_shards: int = Field(default=1, description="Credit bank actors (users are hashed).")
+    credit_lease: int = Field(default=10, ge=0, description=(
+        "Credits a gateway leases from the bank per active user and spends locally, so most "
+        "batches need no bank call (topped up in the background below half). 0: every "
+        "batch asks the bank. The cluster-wide limit holds either way."))
+    credit_lease_idle_s: float = Field(default=30.0, description=(
+        "A lease unused this long goes back to the bank (a user who moved to another "
+        "gateway gets those credits back there)."))
     dedup_shards: int = Field(default=1, description=(
         "Signal dedup window actors (keys are hashed)."))
     signal_dedup_ttl_s: float = Field(default=60.0, description="How long a signal id is remembered.")

@@ -24,10 +24,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from stages.ports import Debit
 
 INF = float("inf")
+
+
+@dataclass(frozen=True, slots=True)
+class Lease(Debit):
+    """A ``take``: a ``Debit`` that also says how many tokens were taken."""
+
+    taken: int = 0
 
 
 class TokenBuckets:
@@ -95,6 +103,25 @@ class TokenBuckets:
         tokens -= cost
         self._state[key] = (tokens, last)
         return self._covered_in(-tokens, last, now)
+
+    def take(self, key: str, want: int, now: float) -> Debit:
+        """Takes as many whole tokens as the bucket holds, up to ``want`` (a lease of
+        credits handed to a gateway). ``remaining`` is what is left; ``retry_after`` the
+        seconds until the part not granted would be back (0 when all was granted).
+        ``granted`` is True when anything was taken; ``Lease.taken`` says how much."""
+        tokens, last = self._at(key, now)
+        taken = max(0, min(want, math.floor(tokens)))
+        tokens -= taken
+        self._state[key] = (tokens, last)
+        short = want - taken
+        retry = 0.0 if short <= 0 else (INF if want > self.capacity and taken == 0
+                                        else self._covered_in(short - tokens, last, now))
+        return Lease(taken > 0, max(int(tokens), 0), retry, taken)
+
+    def give(self, key: str, tokens: int, now: float) -> None:
+        """Gives back tokens taken and not used (never above ``capacity``)."""
+        level, last = self._at(key, now)
+        self._state[key] = (min(float(self.capacity), level + tokens), last)
 
     def forget_idle(self, now: float) -> None:
         """Drops the buckets that are full again by ``now`` (a key not kept is full), so

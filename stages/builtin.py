@@ -21,7 +21,7 @@ from stages.attachments import (
     ValidateAttachment,
     VerifyUpload,
 )
-from stages.chat import Ack, ApplyReceipts, DeliverChat, PersistChat, ValidateChat
+from stages.chat import Ack, ApplyReceipts, DeliverChat, DeliverLocal, PersistChat, ValidateChat
 from stages.commands import PersistCommand, ValidateCommand
 from stages.load import DebitCredits
 from stages.notifications import register_notification_stages
@@ -80,7 +80,10 @@ def default_registry() -> StageRegistry:
     reg.register("persist_chat", lambda o, p: PersistChat(need(p.store, "store", "persist_chat")))
     reg.register("ack", lambda o, p: Ack(need(p.acks, "acks", "ack")))
     reg.register("deliver_chat", lambda o, p: DeliverChat(
-        need(p.hub, "hub", "deliver_chat"), need(p.outbox, "outbox", "deliver_chat")))
+        need(p.hub, "hub", "deliver_chat"), need(p.outbox, "outbox", "deliver_chat"),
+        bool(o.get("local", False)), p.outages))
+    reg.register("deliver_local", lambda o, p: DeliverLocal(
+        need(p.local_delivery, "local_delivery", "deliver_local")))
     reg.register("apply_receipts", lambda o, p: ApplyReceipts(
         need(p.store, "store", "apply_receipts"),
         p.hub if o.get("announce", True) else None, p.directory))

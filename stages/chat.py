@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,13 +13,17 @@ from stages.ports import (
     Delivery,
     DeliveryHub,
     Directory,
+    LocalDelivery,
     MessageStore,
+    Outages,
     Outbox,
     PointerMove,
     Receipt,
 )
 
 MAX_ID_CHARS = 128
+
+log = logging.getLogger("conveyor.stages")
 
 
 def _text(fields: Mapping[str, Any], key: str, *, max_chars: int, allow_empty: bool = False) -> str:
@@ -135,16 +140,30 @@ def message_frame(env: Envelope) -> dict[str, Any]:
     return frame
 
 
+def delivery_of(env: Envelope, local: bool = False) -> Delivery:
+    """The frame of a stored message or command event, for every member; the sender's
+    own connection (it already has its ack) is skipped. ``local``: the sender's gateway
+    replica hands it to its own sockets (``deliver_local``), the hub to the others."""
+    frame = dict(env.meta["frame"]) if "frame" in env.meta else message_frame(env)
+    return Delivery(env.meta.get("members") or [env.sender], frame, skip=env.connection,
+                    local=env.gateway if local else None)
+
+
 class DeliverChat:
     """Hands new messages to the hub for every member's live connections, then clears
     their outbox entries. Members without a connection get them on reconnect; a crash
-    before ``Outbox.done`` leaves the entries for the relay (at-least-once)."""
+    before ``Outbox.done`` leaves the entries for the relay (at-least-once). With
+    ``local``, the hub leaves the sender's gateway replica out: ``deliver_local`` there
+    writes to its sockets without a round trip through the hub."""
 
     name = "deliver_chat"
 
-    def __init__(self, hub: DeliveryHub, outbox: Outbox) -> None:
+    def __init__(self, hub: DeliveryHub, outbox: Outbox, local: bool = False,
+                 outages: Outages | None = None) -> None:
         self.hub = hub
         self.outbox = outbox
+        self.local = local
+        self.outages = outages
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         deliveries: list[Delivery] = []
@@ -152,17 +171,40 @@ class DeliverChat:
         for env in batch:
             if env.meta.get("duplicate"):
                 continue
-            frame = dict(env.meta["frame"]) if "frame" in env.meta else message_frame(env)
-            # The sender's own connection already has its ack: it is skipped there.
-            deliveries.append(Delivery(env.meta.get("members") or [env.sender], frame,
-                                       skip=env.connection))
+            deliveries.append(delivery_of(env, self.local))
             if env.meta.get("outboxId") is not None:
                 outbox_ids.add(int(env.meta["outboxId"]))
-        if deliveries:
-            await self.hub.publish(deliveries)
-        if outbox_ids:
-            await self.outbox.done(sorted(outbox_ids))
-        return [Outcome.done(e) for e in batch]
+        try:
+            if deliveries:
+                await self.hub.publish(deliveries)
+            if outbox_ids:
+                await self.outbox.done(sorted(outbox_ids))
+        except Exception as exc:
+            # The messages are stored and their outbox entries kept: the relay delivers
+            # them after its grace period. Failing here would make the caller retry the
+            # whole batch, and its sender would hear "duplicate" for a first send.
+            log.warning("delivery of %d messages left to the outbox relay: %r",
+                        len(deliveries), exc)
+            if self.outages is not None:
+                self.outages.unavailable("hub", self.name, len(deliveries))
+        # Not settled: stages after delivery (the ack) still run for these items.
+        return [Outcome.ok(e) for e in batch]
+
+
+class DeliverLocal:
+    """In the sender's gateway replica, after ``deliver_chat`` with ``local``: the same
+    frames to the members' sockets on this replica (at-most-once, as the hub; what is
+    missed is replayed from the store)."""
+
+    name = "deliver_local"
+
+    def __init__(self, sockets: LocalDelivery) -> None:
+        self.sockets = sockets
+
+    async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
+        self.sockets.deliver([delivery_of(e, local=True) for e in batch
+                              if not e.meta.get("duplicate")])
+        return [Outcome.ok(e) for e in batch]
 
 
 class ApplyReceipts:

@@ -134,6 +134,7 @@ class PostgresMessages:
                     [ranges[c][1] for c in chats],
                 )
                 box = {r["chat_id"]: r["id"] for r in outbox}
+                await self._sender_has_own(conn, new_rows)
                 for i, r in enumerate(results):
                     if r is not None and not r.duplicate and r.error is None:
                         results[i] = Stored(r.message_id, r.chat_id, r.seq, r.created_at, False,
@@ -147,6 +148,29 @@ class PostgresMessages:
                                         first.created_at, True)
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
+
+    @staticmethod
+    async def _sender_has_own(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        """A sender has its own messages: its delivered pointer moves over them in this
+        transaction when nothing of others lies in between (its first run of consecutive
+        seqs follows the pointer), so no receipt round trip is needed for them. Otherwise
+        the sender's connection receipts them once the gap before them is filled."""
+        runs: dict[tuple[str, str], list[int]] = {}
+        for chat, seq, _, sender, *_ in rows:  # in seq order per chat
+            run = runs.get((chat, sender))
+            if run is None:
+                runs[(chat, sender)] = [seq, seq]
+            elif run[1] == seq - 1 and len(run) == 2:
+                run[1] = seq
+            else:
+                run.append(0)  # the first run ended; later own messages wait for receipts
+        keys = sorted(runs)
+        await conn.execute(
+            "UPDATE chat_members cm SET delivered_seq = v.t"
+            " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS v(c, u, f, t)"
+            " WHERE cm.chat_id = v.c AND cm.user_id = v.u AND cm.delivered_seq = v.f - 1",
+            [c for c, _ in keys], [u for _, u in keys],
+            [runs[k][0] for k in keys], [runs[k][1] for k in keys])
 
     async def messages_after(self, chat_id: str, after_seq: int, limit: int) -> list[StoredMessage]:
         """Rows in seq order: messages in their current state (edited body, tombstone,

@@ -69,7 +69,9 @@ class Connection:
         implicit_receipt: Callable[[str, str], None],
         on_write: Callable[[str], None] | None = None,
         on_drop: Callable[[str, str], None] | None = None,
+        on_hop: Callable[[str, float], None] | None = None,
     ) -> None:
+        self.on_hop = on_hop  # ("deliver", seconds from commit to this socket)
         self.on_write = on_write
         self.on_drop = on_drop  # (frame type, reason): a frame this socket will never get
         self.ws = ws
@@ -249,12 +251,15 @@ class Connection:
         if skip == self.id:
             st.upto = seq
             if st.receipted == seq - 1:
+                # The store moved this sender's pointer over its own message when it was
+                # persisted (nothing of others in between): no receipt needed.
                 st.receipted = seq
-                self.implicit_receipt(self.user_id, event_id(frame))
             else:
                 st.own[seq] = event_id(frame)
             return
         await self._write_message(st, frame)
+        if self.on_hop is not None:
+            self.on_hop("deliver", time.time() - st.sent[event_id(frame)][1])
 
     async def _catch_up(self, chat_id: str) -> None:
         st = await self._state(chat_id)

@@ -69,12 +69,14 @@ class Gateway:
         notices = await wiring.open_notifications(notifier)
         ports = svc.ports.with_(
             acks=SessionAcks(self.sessions, recorder), notices=SessionNotices(self.sessions),
+            local_delivery=self.sessions,
             analytics=MetricsAnalytics(recorder), outages=outages,
             notification_store=notices.store, notification_dispatch=notices.kick)
         self.runner = PipelineRunner(svc.resolver, svc.registry, hosts, handles, local_ports=ports,
                                      observer=self.metrics.observe_stage,
                                      call_timeout_s=s.stage_call_timeout_s)
         self.intake = Intake(s, svc.resolver, self.runner, self.sessions, recorder, self.replica_id)
+        self.runner.on_hop = self.intake.hop
         self.hub_link = HubLink(s, svc.hub, svc.chats, self.sessions, self.intake, recorder,
                                 outages, self.replica_id)
         self.chats_api = ChatsApi(svc.chats, svc.messages, svc.hub, self._guard)
@@ -154,6 +156,7 @@ class Gateway:
             implicit_receipt=self.intake.implicit_receipt,
             on_write=self._counted_write,
             on_drop=lambda frame_type, reason: self.intake.count_drop(frame_type, "socket", reason),
+            on_hop=self.intake.hop,
         )
         # ``connected`` is queued first, before the connection can be found by deliveries,
         # so it is always the first frame a client reads (PROTOCOL.md).

@@ -17,12 +17,10 @@ from deployments.gateway.connection import Connection, guarded
 from deployments.gateway.intake import Intake
 from deployments.gateway.sessions import Sessions
 from settings import Settings
-from stages.ports import ChatStore, ConnectionRegistry, Outages
+from stages.ports import ChatStore, ConnectionRegistry, Delivery, Outages
 
 log = logging.getLogger("conveyor.gateway")
 
-# Frames that belong to a chat's seq stream: written in order, gap-free, redelivered.
-ORDERED_FRAMES = frozenset({"message", "command"})
 
 
 class HubLink:
@@ -77,7 +75,7 @@ class HubLink:
                 continue
             if self.sessions.unattached:
                 await self._attach_pending(shard)
-            for users, frame, skip in got:
+            for users, frame, skip, _ in got:
                 kind = frame.get("type")
                 if kind == "_resync":
                     await self._resync(shard)
@@ -87,14 +85,8 @@ class HubLink:
                     seen = frame.get("lastSeen", {})
                     for user in users:
                         self.intake.presence(user, False, seen.get(user))
-                elif kind in ORDERED_FRAMES:
-                    for user in users:
-                        for conn in self.sessions.of_user(user):
-                            conn.deliver(frame, skip)
                 else:
-                    for user in users:
-                        for conn in self.sessions.of_user(user):
-                            conn.send(frame)
+                    self.sessions.deliver([Delivery(users, frame, skip)])
 
     def _on_shard(self, shard: int) -> list[Connection]:
         return [c for c in self.sessions.all() if self.hub.shard(c.user_id) == shard]

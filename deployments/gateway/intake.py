@@ -55,6 +55,8 @@ class SessionAcks:
             env.meta["acked"] = True
             conn.send(frame)
             self.recorder.inc("conveyor_acks_total", type=env.type, status=frame["status"])
+            self.recorder.observe("conveyor_hop_seconds", max(time.time() - env.received_at, 0.0),
+                                  hop="ack")
 
 
 class SessionNotices:
@@ -84,9 +86,14 @@ class Intake:
                 max_batch=settings.batch_max, on_drop=self.stage_dropped,
                 on_retry=lambda t: recorder.inc("conveyor_stage_retries_total", type=t),
                 on_batch=lambda t, n: recorder.observe("conveyor_batch_size", n, type=t),
+                on_hop=self.hop,
             )
             for t in resolver.types
         }
+
+    def hop(self, hop: str, seconds: float) -> None:
+        """Wall time of one hop of the path (``conveyor_hop_seconds``)."""
+        self.recorder.observe("conveyor_hop_seconds", max(seconds, 0.0), hop=hop)
 
     def start(self) -> None:
         for b in self.batchers.values():

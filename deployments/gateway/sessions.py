@@ -1,10 +1,15 @@
-"""``Sessions``: the WebSocket connections this gateway replica holds, by id and by user."""
+"""``Sessions``: the WebSocket connections this gateway replica holds, by id and by user,
+and handing frames to them (the ``LocalDelivery`` port)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from deployments.gateway.connection import Connection
+from stages.ports import Delivery
+
+# Frames that belong to a chat's seq stream: written in order, gap-free, redelivered.
+ORDERED_FRAMES = frozenset({"message", "command"})
 
 
 class Sessions:
@@ -39,3 +44,15 @@ class Sessions:
 
     def all(self) -> list[Connection]:
         return list(self.by_id.values())
+
+    def deliver(self, deliveries: Sequence[Delivery]) -> None:
+        """Frames to the connections of their users on this replica: ``message`` and
+        ``command`` frames through each connection's ordered writer, others as they are."""
+        for d in deliveries:
+            ordered = d.frame.get("type") in ORDERED_FRAMES
+            for user in d.users:
+                for conn in self.of_user(user):
+                    if ordered:
+                        conn.deliver(d.frame, d.skip)
+                    else:
+                        conn.send(d.frame)

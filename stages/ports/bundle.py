@@ -14,7 +14,7 @@ from typing import TypeVar
 from stages.ports.analytics import Analytics, Outages
 from stages.ports.attachments import AttachmentStore, ObjectStore, VirusScanner
 from stages.ports.chat import Contacts, Directory, MessageStore, Outbox
-from stages.ports.delivery import AckSink, DeliveryHub, Notices
+from stages.ports.delivery import AckSink, DeliveryHub, LocalDelivery, Notices
 from stages.ports.load import CreditBank, DedupWindow
 
 T = TypeVar("T")
@@ -59,6 +59,7 @@ class Ports:
     attachments: AttachmentStore | None = None
     scanner: VirusScanner | None = None
     acks: AckSink | None = None
+    local_delivery: LocalDelivery | None = None
     notices: Notices | None = None
     analytics: Analytics | None = None
     outages: Outages | None = None

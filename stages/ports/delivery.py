@@ -9,11 +9,14 @@ from typing import Any, NamedTuple, Protocol
 
 class Delivery(NamedTuple):
     """One frame for some users. ``skip``: a connection that must not get it (the
-    sender's own, which already has its ack); a transport detail kept out of the frame."""
+    sender's own, which already has its ack); ``local``: a gateway replica that hands the
+    frame to its own sockets itself, so the hub routes it to the other replicas only.
+    Transport details, kept out of the frame."""
 
     users: Sequence[str]
     frame: dict[str, Any]
     skip: str | None = None
+    local: str | None = None
 
 
 class DeliveryHub(Protocol):
@@ -63,6 +66,14 @@ class ConnectionRegistry(DeliveryHub, Protocol):
     async def stats(self) -> list[dict[str, Any]]:
         """Per shard: ``users_online``, ``mailbox_depth``, ``shed_by_type`` and more."""
         ...
+
+
+class LocalDelivery(Protocol):
+    """The gateway replica's own sockets: frames handed straight to the connections of
+    ``users`` held by this replica (not to ``skip``), in the order given, at-most-once
+    like the hub. Only the gateway has this port."""
+
+    def deliver(self, deliveries: Sequence[Delivery]) -> None: ...
 
 
 class AckSink(Protocol):

@@ -232,7 +232,9 @@ async def test_seq_is_gap_free_and_ordered_with_concurrent_senders(conveyor: App
     for i in range(n):
         await a.chat(chat, f"a{i}", client_id=f"a{i}")
         await c.chat(chat, f"c{i}", client_id=f"c{i}")
-    got = [await b.message(chatId=chat, timeout=20) for _ in range(2 * n)]
+    # Bob sends no receipt: under load the server may repeat a message (same id) before
+    # the rest arrive; what is checked is the order of first sightings.
+    got = [await b.next_message(chat_id=chat, timeout=20) for _ in range(2 * n)]
     assert [m["seq"] for m in got] == list(range(1, 2 * n + 1))
     # Each sender's messages keep the order they were sent in.
     assert [m["body"] for m in got if m["senderId"] == alice] == [f"a{i}" for i in range(n)]

@@ -123,9 +123,10 @@ async def test_delivery_backlog_counts_every_member_behind_and_the_oldest_age(
     stored = await store.persist([draft(chat, str(i)) for i in range(4)])
     await db_pool.execute("UPDATE messages SET created_at = now() - interval '90 seconds'"
                           " WHERE chat_id = $1 AND seq = 1", chat)
-    # Nobody receipted: three members, four messages each behind; the oldest is seq 1.
+    # Nobody receipted: the sender has her own four; Bob and Carol are four behind each,
+    # and the oldest is seq 1.
     pending, age = await store.delivery_backlog()
-    assert pending == 12 and 89 < age < 300
+    assert pending == 8 and 89 < age < 300
     await store.apply_receipts([Receipt("alice", stored[3].message_id, "delivered"),
                                 Receipt("bob", stored[1].message_id, "delivered")])
     # Bob is two behind (from seq 3), Carol four (from seq 1, still the oldest).
@@ -291,3 +292,20 @@ async def test_expiry_takes_only_unclaimed_records_past_the_grace(db_pool: async
     await db_pool.execute("UPDATE attachments SET claimed_at = now() - interval '1 hour'"
                           " WHERE id = $1", dead.id)
     assert [r.id for r in await attachments.expire(grace_s=60, lease_s=300)] == [dead.id]
+
+
+async def test_a_senders_own_messages_move_its_pointer_in_the_persist_transaction(
+    db_pool: asyncpg.Pool,
+) -> None:
+    store = PostgresStore(db_pool)
+    chat = await store.create_chat("alice", ["bob"], None)
+    await store.persist([draft(chat, "a1"), draft(chat, "a2")])
+    (p,) = await store.pointers("alice", chat)
+    assert p.delivered_seq == 2  # her own, nothing in between: no receipt needed
+    (b,) = await store.pointers("bob", chat)
+    assert b.delivered_seq == 0  # the recipient's pointer waits for his receipt
+    await store.persist([ChatDraft(chat, "bob", "b1", "hi"), draft(chat, "a3")])
+    (p,) = await store.pointers("alice", chat)
+    assert p.delivered_seq == 2  # Bob's seq 3 lies between: her seq 4 waits for a receipt
+    (b,) = await store.pointers("bob", chat)
+    assert b.delivered_seq == 0  # his own seq 3 follows seq 2, which he has not received

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from typing import Any
 
 from ray.serve.exceptions import BackPressureError
@@ -117,7 +118,7 @@ class FakeHost:
         # A remote host answers with copies, as Ray does.
         out = []
         for e in items:
-            copy = e.model_copy(deep=True)
+            copy = deepcopy(e)
             if "invalid" in names and copy.fields.get("bad"):
                 out.append(Outcome.reject(copy, "invalid", "bad"))
                 continue

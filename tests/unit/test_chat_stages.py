@@ -47,7 +47,7 @@ async def test_persist_then_deliver_skips_duplicates_and_clears_outbox() -> None
     resent = (await PersistChat(store).process([chat("a")]))[0].envelope
     assert resent.meta["duplicate"] and resent.meta["seq"] == 1
     out = await DeliverChat(hub, outbox).process([resent])
-    assert out[0].verdict is Verdict.DONE and len(hub.published) == 2
+    assert out[0].verdict is Verdict.CONTINUE and len(hub.published) == 2
 
 
 async def test_receipts_are_validated_and_applied_in_one_call() -> None:
@@ -84,3 +84,43 @@ async def test_receipts_move_pointers_and_the_other_members_hear_where_they_stan
     hub.published.clear()
     await ApplyReceipts(FakeMessages(), hub, FakeDirectory({})).process([env])
     assert hub.published == []
+
+
+async def test_local_delivery_leaves_the_senders_replica_to_itself() -> None:
+    from stages.chat import DeliverLocal
+
+    class Sockets:
+        def __init__(self) -> None:
+            self.got: list[Any] = []
+
+        def deliver(self, deliveries: Sequence[Any]) -> None:
+            self.got.extend(deliveries)
+
+    store, outbox, hub, sockets = FakeMessages(), FakeOutbox(), FakeHub(), Sockets()
+    env = chat("a")
+    env.gateway, env.meta["members"] = "gw-1", ["alice", "bob"]
+    (persisted,) = await PersistChat(store).process([env])
+    await DeliverChat(hub, outbox, local=True).process([persisted.envelope])
+    await DeliverLocal(sockets).process([persisted.envelope])
+    (published,) = hub.published
+    (local,) = sockets.got
+    # The hub routes to every replica but gw-1; gw-1 writes the same frame itself.
+    assert published.local == "gw-1" and published.frame == local.frame
+    assert local.users == ["alice", "bob"] and local.skip == "conn-1"
+
+
+async def test_a_hub_outage_leaves_delivery_to_the_outbox_without_failing_the_batch() -> None:
+    from tests.fakes import FakeOutages
+
+    class DeadHub:
+        async def publish(self, deliveries: Sequence[Any]) -> None:
+            raise ConnectionError("hub actor died")
+
+    store, outbox, outages = FakeMessages(), FakeOutbox(), FakeOutages()
+    env = chat("a")
+    env.meta["members"] = ["alice", "bob"]
+    (persisted,) = await PersistChat(store).process([env])
+    (out,) = await DeliverChat(DeadHub(), outbox, outages=outages).process([persisted.envelope])
+    # The batch goes on to its ack; the entry stays for the relay to deliver.
+    assert out.verdict is Verdict.CONTINUE and outbox.done_ids == []
+    assert outages.reports == [("hub", "deliver_chat", 1)]

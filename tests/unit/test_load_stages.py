@@ -225,3 +225,15 @@ async def test_track_emits_accepted_and_receipt_events() -> None:
     await Track(sink, "receipt").process([receipt])
     assert [(e.kind, e.message_id, e.user_id, e.latency_s) for e in sink.events[1:]] == [
         ("read", "m1", "bob", 0.25), ("read", "m2", "bob", None)]
+
+
+async def test_the_hub_leaves_out_the_replica_that_delivers_locally() -> None:
+    from cluster.hub import ConnectionHub
+
+    hub = ConnectionHub.__ray_metadata__.modified_class(0)
+    await hub.attach("gw-1", [("c1", "bob")])
+    await hub.attach("gw-2", [("c2", "bob")])
+    await hub.publish([Delivery(["bob"], {"type": "message", "seq": 1}, local="gw-1")])
+    assert await hub.pull("gw-1", 0.0) == []
+    (got,) = await hub.pull("gw-2", 0.0)
+    assert got.users == ["bob"] and got.frame["seq"] == 1

@@ -1,0 +1,77 @@
+"""The leased credit bank: local spending, background top-ups, the cluster-wide limit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from cluster.credit_lease import LeasedCredits
+from stages.buckets import Lease, TokenBuckets
+
+
+class Bank:
+    """The bank's arithmetic without Ray, on a clock the test moves."""
+
+    def __init__(self, capacity: int = 20, refill: int = 20, interval_s: float = 10.0) -> None:
+        self.buckets = TokenBuckets(capacity, refill, interval_s)
+        self.now = 0.0
+        self.calls: list[list[tuple[str, int]]] = []
+
+    async def lease(self, requests: Sequence[tuple[str, int]]) -> list[Lease]:
+        self.calls.append(list(requests))
+        return [self.buckets.take(u, n, self.now) for u, n in requests]
+
+    async def refund(self, returns: Sequence[tuple[str, int]]) -> None:
+        for u, n in returns:
+            self.buckets.give(u, n, self.now)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_batches_are_debited_locally_once_a_lease_is_held() -> None:
+    bank = Bank()
+    credits = LeasedCredits(bank, lease_size=8)
+    first = await credits.debit([("alice", 1), ("alice", 1)])
+    assert all(d.granted for d in first) and bank.calls == [[("alice", 2)]]
+    await settle()  # the lease was low: topped up in the background
+    assert bank.calls[1] == [("alice", 8)]
+    calls = len(bank.calls)
+    for _ in range(3):
+        assert all(d.granted for d in await credits.debit([("alice", 1)]))
+    assert len(bank.calls) == calls  # spent from the lease, no bank call
+
+
+async def test_two_gateways_together_never_spend_more_than_the_bank_holds() -> None:
+    bank = Bank(capacity=20, refill=20, interval_s=10.0)
+    a, b = LeasedCredits(bank, lease_size=6), LeasedCredits(bank, lease_size=6)
+    granted = 0
+    for i in range(30):
+        gw = a if i % 2 else b
+        granted += sum(d.granted for d in await gw.debit([("alice", 1)]))
+        await settle()
+    assert granted <= 20  # one bucket of 20 and no refill yet
+    assert granted >= 20 - 2 * 6  # at most one lease per gateway is stranded
+
+
+async def test_a_refusal_says_when_the_missing_credits_are_back() -> None:
+    bank = Bank(capacity=5, refill=5, interval_s=10.0)
+    credits = LeasedCredits(bank, lease_size=4)
+    assert all(d.granted for d in await credits.debit([("bob", 5)]))
+    bank.now = 4.0
+    (refused,) = await credits.debit([("bob", 1)])
+    assert not refused.granted and refused.retry_after == pytest.approx(6.0)
+
+
+async def test_idle_leases_go_back_to_the_bank() -> None:
+    bank = Bank(capacity=10, refill=10, interval_s=10.0)
+    credits = LeasedCredits(bank, lease_size=6, idle_s=0.0)
+    await credits.debit([("carol", 1)])
+    await settle()
+    assert bank.buckets.level("carol", 0.0) < 9
+    returned = await credits.give_back(idle_only=True)
+    assert returned > 0 and bank.buckets.level("carol", 0.0) == 9  # only the one spent is gone
