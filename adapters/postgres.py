@@ -17,6 +17,8 @@ from typing import Any
 
 import asyncpg
 
+from adapters import event_outbox
+from adapters.kafka_events import chat_events, receipt_events
 from stages.ports import (
     COMMAND_KINDS,
     AttachmentRecord,
@@ -121,8 +123,9 @@ MESSAGE_COLUMNS = ("chat_id, seq, id, sender_id, kind, body, attachment, created
 
 
 class PostgresStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, events_enabled: bool = False) -> None:
         self.pool = pool
+        self.events_enabled = events_enabled  # append event-bus events in each commit
 
     async def ping(self) -> None:
         async with self.pool.acquire() as conn:
@@ -318,6 +321,10 @@ class PostgresStore:
                     if r is not None and not r.duplicate and r.error is None:
                         results[i] = Stored(r.message_id, r.chat_id, r.seq, r.created_at, False,
                                             box[r.chat_id], data=r.data)
+                if self.events_enabled:
+                    new = sorted(first_in_batch.values())
+                    await event_outbox.append(conn, chat_events([drafts[i] for i in new],
+                                                                [results[i] for i in new]))
         for key, i in first_in_batch.items():
             first = results[i]
             assert first is not None
@@ -459,7 +466,8 @@ class PostgresStore:
             return 0
         for attempt in range(5):
             try:
-                result = await self.pool.execute(
+                async with self.pool.acquire() as conn, conn.transaction():
+                    moved = await conn.fetch(
                     """
                     WITH r AS (
                         SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS r(user_id, mid, status)
@@ -469,7 +477,8 @@ class PostgresStore:
                           FROM r JOIN messages msg ON msg.id = r.mid
                          GROUP BY r.user_id, msg.chat_id
                     ), locked AS (
-                        SELECT cm.chat_id, cm.user_id FROM chat_members cm
+                        SELECT cm.chat_id, cm.user_id, cm.delivered_seq AS was_delivered,
+                               cm.read_seq AS was_read FROM chat_members cm
                           JOIN m ON m.chat_id = cm.chat_id AND m.user_id = cm.user_id
                          WHERE cm.delivered_seq < m.seq OR cm.read_seq < m.read_seq
                          ORDER BY cm.chat_id, cm.user_id FOR UPDATE OF cm
@@ -479,12 +488,16 @@ class PostgresStore:
                            read_seq = greatest(cm.read_seq, m.read_seq)
                       FROM m JOIN locked l ON l.chat_id = m.chat_id AND l.user_id = m.user_id
                      WHERE cm.chat_id = m.chat_id AND cm.user_id = m.user_id
+                    RETURNING cm.chat_id, cm.user_id, l.was_delivered, l.was_read,
+                              cm.delivered_seq, cm.read_seq
                     """,
                     [r.user_id for r in receipts],
                     [r.message_id for r in receipts],
                     [r.status for r in receipts],
-                )
-                return int(result.split()[-1])
+                    )
+                    if self.events_enabled:
+                        await event_outbox.append(conn, receipt_events(moved))
+                return len(moved)
             except asyncpg.DeadlockDetectedError:
                 await asyncio.sleep(0.01 * (attempt + 1))
         raise RuntimeError("receipts kept deadlocking")
