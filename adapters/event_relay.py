@@ -21,20 +21,15 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 from adapters.event_outbox import EventOutbox
+from stages.bus import EventPublisher
 
 log = logging.getLogger("conveyor.kafka.relay")
-
-
-class Publisher(Protocol):
-    async def publish(self, records: Sequence[tuple[str, bytes]]) -> None:
-        """Returns once the broker acknowledged every record, else raises."""
-        ...
 
 
 class RelayState(StrEnum):
@@ -64,7 +59,7 @@ class RelayStatus:
 
 
 class EventRelay:
-    def __init__(self, outbox: EventOutbox, publisher: Publisher, *, batch: int = 500,
+    def __init__(self, outbox: EventOutbox, publisher: EventPublisher, *, batch: int = 500,
                  lease_s: float = 60.0, idle_s: float = 0.2, backoff_base_s: float = 0.5,
                  backoff_max_s: float = 30.0, rng: Callable[[], float] = random.random) -> None:
         self.outbox = outbox

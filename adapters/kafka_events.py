@@ -146,7 +146,8 @@ class PublishError(Exception):
 
 
 class EventPublisher:
-    """Publishes encoded events to one topic through an aiokafka producer.
+    """``stages.bus.EventPublisher``: encoded events to one topic through an aiokafka
+    producer.
 
     Guarantees of ``publish``:
     - It returns only after the broker acknowledged every record with ``acks=all`` (all

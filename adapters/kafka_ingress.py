@@ -37,40 +37,18 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from stages.bus import IngressHandler, IngressRecord, Intake
 from stages.notifications import Limits, validate_item
 
 log = logging.getLogger("conveyor.kafka.ingress")
 
 MAX_ID_CHARS = 64  # as a client's frame id (PROTOCOL.md)
-
-
-class Intake(StrEnum):
-    """The handler's answer for one batch."""
-
-    ACCEPTED = "accepted"  # applied: commit, keep reading
-    SATURATED = "saturated"  # applied, and the pipeline is now at its limit: commit, pause
-    REFUSED = "refused"  # not applied (the pipeline is full): pause, then re-read the batch
-
-
-@dataclass(frozen=True, slots=True)
-class IngressRecord:
-    """A valid ingress record: ``type`` (system, chat, notification), the producer's ``id``
-    (the dedup key) and the type's validated fields, with where it was read."""
-
-    type: str
-    id: str
-    fields: dict[str, Any]
-    topic: str
-    partition: int
-    offset: int
-    key: str | None = None
 
 
 class InvalidRecord(ValueError):
@@ -131,7 +109,6 @@ def parse_record(value: bytes | None, limits: Limits = Limits()) -> tuple[str, s
     return kind, rid, {"subject": subject, "item": normalised}
 
 
-Handler = Callable[[list[IngressRecord]], Awaitable[Intake | None]]
 Signal = Callable[[], bool | Awaitable[bool]]
 
 
@@ -147,7 +124,7 @@ class IngressStats:
 
 
 class IngressConsumer:
-    def __init__(self, bootstrap: str, topic: str, group_id: str, handler: Handler, *,
+    def __init__(self, bootstrap: str, topic: str, group_id: str, handler: IngressHandler, *,
                  dlq_topic: str, saturated: Signal | None = None, max_batch: int = 500,
                  poll_ms: int = 200, retry_s: float = 1.0, client_id: str = "conveyor-ingress",
                  limits: Limits = Limits(), timeout_s: float = 10.0) -> None:

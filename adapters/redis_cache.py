@@ -42,7 +42,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from stages.bus import CacheUnavailable
 from stages.ports import StoredMessage
+
+__all__ = ["CacheUnavailable", "ChatCache"]
 
 log = logging.getLogger("conveyor.redis")
 
@@ -195,10 +198,6 @@ return c
 """
 
 
-class CacheUnavailable(Exception):
-    """Redis did not answer in time (down, unreachable, overloaded): use PostgreSQL."""
-
-
 def _keys(chat_id: str) -> tuple[str, str, str, str]:
     tag = f"conveyor:{{c:{chat_id}}}"
     return f"{tag}:m", f"{tag}:i", f"{tag}:h", f"{tag}:u"
@@ -216,6 +215,8 @@ def _message(raw: bytes | str) -> StoredMessage:
 
 
 class ChatCache:
+    """``stages.bus.ChatCache`` on Redis (see the module's and the port's guarantees)."""
+
     def __init__(self, url: str, *, max_messages: int = 200, ttl_s: float = 3600.0,
                  timeout_s: float = 0.25) -> None:
         self.url = url
