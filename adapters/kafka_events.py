@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -26,13 +26,14 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+from stages.notifications import rfc3339_ms
 from stages.ports import COMMAND_KINDS, ChatDraft, Stored, StoredMessage
 
 log = logging.getLogger("conveyor.kafka.events")
 
 
 def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return rfc3339_ms(time.time())
 
 
 @dataclass(frozen=True, slots=True)

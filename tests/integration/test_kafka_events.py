@@ -10,13 +10,16 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import pytest
 
 from adapters import event_outbox
 from adapters.event_outbox import EventOutbox
 from adapters.event_relay import EventRelay, RelayState
 from adapters.kafka_events import EventPublisher, notification_event
+from adapters.notifications_store import NotificationsStore
 from adapters.postgres import PostgresStore
+from stages.notifications import Attempt, FinalState, NotificationDraft, RoundResult, SendStatus
 from stages.ports import ChatDraft, Receipt
 from tests.integration.kafka_helpers import make_topics, read_topic, topic_name, values
 
@@ -122,6 +125,29 @@ async def test_chat_events_reach_the_topic_only_after_commit_and_leave_the_outbo
         "delivered", 2, "bob", chat)
     assert (read["status"], read["upToSeq"]) == ("read", 2)
     assert len({v["eventId"] for v in got}) == 6
+
+
+async def test_notification_status_changes_are_appended_in_the_transactions_that_make_them(
+        db_pool: Any) -> None:
+    store = NotificationsStore(db_pool, events_enabled=True)
+    outbox = EventOutbox(db_pool)
+    nid = str(uuid.uuid4())
+    await store.accept([NotificationDraft(
+        id=nid, subject_id="billing", subject_name=None, message="paid", is_immediate=True,
+        contacts=[{"type": "email", "value": "a@example.com"}], strategy="send_to_first_available",
+        created_at=time.time())])
+    (job,) = await store.claim_ids([nid], 30)
+    await store.finish_round([RoundResult(job, [Attempt(nid, 0, "email", 1, SendStatus.TRANSIENT,
+                                                        "451 busy", 0.1)], None, 1.0)])
+    await store.finish_round([RoundResult(job, [Attempt(nid, 0, "email", 2, SendStatus.DELIVERED,
+                                                        None, 0.1)], FinalState.DELIVERED)])
+    assert await NotificationsStore(db_pool).claim_ids([nid], 30) == []  # final: nothing more
+    got = [orjson.loads(p.value) for p in await outbox.claim(100, 30)]
+    assert [(v["status"], v.get("channel"), v.get("attempt"), v.get("error")) for v in got] == [
+        ("accepted", None, None, None), ("processing", None, None, None),
+        ("processing", "email", 1, "451 busy"), ("delivered", "email", 2, None)]
+    assert all(v["type"] == "notification" and v["notificationId"] == nid for v in got)
+    assert got[2]["attemptStatus"] == "transient" and len({v["eventId"] for v in got}) == 4
 
 
 async def test_events_are_not_marked_published_while_the_broker_is_down(
