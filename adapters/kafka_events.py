@@ -242,7 +242,15 @@ class EventPublisher:
             except PublishError:
                 raise
             except (KafkaError, TimeoutError, OSError) as e:
+                if isinstance(e, KafkaError) and not e.retriable:
+                    await self._discard()  # a fatal producer state: start afresh next time
                 raise PublishError(f"not acknowledged: {e!r}") from e
+
+    async def _discard(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            log.warning("event producer reset after a non-retriable error")
+            await _quietly_stop(producer, 1.0)
 
     async def _send_in_order(self, producer: AIOKafkaProducer, partition: int,
                              items: list[tuple[bytes, bytes]]) -> None:

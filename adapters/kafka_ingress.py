@@ -147,6 +147,8 @@ class IngressConsumer:
         self._hold_until = 0.0  # no resume before this (monotonic)
         self._dead_sent: deque[tuple[str, int, int]] = deque(maxlen=10_000)
         self._stop = asyncio.Event()
+        self._stopped = asyncio.Event()  # set while no ``run()`` loop is active
+        self._stopped.set()
 
     # --- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -161,8 +163,13 @@ class IngressConsumer:
         await self._producer.start()
 
     async def stop(self) -> None:
-        """Leave the group (uncommitted records go to the next owner) and close."""
+        """Let a running ``run()`` finish its batch, then leave the group (uncommitted
+        records go to the next owner) and close."""
         self._stop.set()
+        try:
+            await asyncio.wait_for(self._stopped.wait(), self.timeout_s + self.poll_ms / 1000)
+        except TimeoutError:
+            log.warning("ingress loop did not finish its batch in time; closing anyway")
         consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
         for client in (consumer, producer):
@@ -175,14 +182,16 @@ class IngressConsumer:
     async def run(self) -> None:
         """Poll until ``stop()``; a failing poll is logged and retried after ``retry_s``."""
         self._stop.clear()
-        while not self._stop.is_set() and self._consumer is not None:
-            try:
-                await self.step()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("ingress poll failed: %r", e)
-                await asyncio.sleep(self.retry_s)
+        self._stopped.clear()
+        try:
+            while not self._stop.is_set() and self._consumer is not None:
+                try:
+                    await self.step()
+                except Exception as e:
+                    log.warning("ingress poll failed: %r", e)
+                    await asyncio.sleep(self.retry_s)
+        finally:
+            self._stopped.set()
 
     # --- state ----------------------------------------------------------------------
     def paused(self) -> set[TopicPartition]:
