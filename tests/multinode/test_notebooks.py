@@ -1,0 +1,34 @@
+"""The notebooks run headless at a tiny size (``NOTEBOOK_SIZE=tiny``) and save their figures:
+the load sweep and the autoscaling experiment. Each starts its own local Ray in its kernel
+(a process of its own), so they run with the multi-node tests, after the session app's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("matplotlib")
+pytest.importorskip("ipykernel")
+
+pytestmark = pytest.mark.notebook
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", ["load_sweep", "autoscaling"])
+def test_notebook_runs_headless_and_saves_its_figure(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    figure = NOTEBOOKS / "figures" / f"{name}.png"
+    figure.unlink(missing_ok=True)
+    monkeypatch.setenv("NOTEBOOK_SIZE", "tiny")
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute()  # raises CellExecutionError, with the cell's traceback, if a cell fails
+    assert figure.exists() and figure.stat().st_size > 5_000
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.get("outputs", []))
+    assert f"saved {figure}" in printed
