@@ -621,7 +621,7 @@ def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
 async def measure_spawned(load: Load, topologies: list[str], baseline: bool = True,
                           gateways: int = 1, cpu: float = 0.1,
                           settings: dict[str, Any] | None = None,
-                          shared: bool = False) -> dict[str, Any]:
+                          shared: bool = False, proxy_cost: bool = False) -> dict[str, Any]:
     """Measure the baseline (optional) and each topology, each in its own fresh cluster."""
     out: dict[str, Any] = {"config": {**load.__dict__, "gateways": gateways, "cpuPerReplica": cpu,
                                       "topologies": topologies, "settings": settings or {},
@@ -633,6 +633,10 @@ async def measure_spawned(load: Load, topologies: list[str], baseline: bool = Tr
     if baseline:
         with Spawned(gateways, cpu, settings, shared) as env:
             out["baseline"] = await load.run(env.deploy_echo())
+    if proxy_cost:
+        # What the Serve proxy costs: the same relay, same load, under plain uvicorn.
+        out["echoUvicorn"] = await measure_uvicorn_echo(load)
+        out["serveOverUvicorn"] = ratio(out.get("baseline"), out["echoUvicorn"])
     runs: dict[str, Any] = {}
     for topology in topologies:
         with Spawned(gateways, cpu, settings, shared) as env:
@@ -643,6 +647,28 @@ async def measure_spawned(load: Load, topologies: list[str], baseline: bool = Tr
     if "fused" in runs and "split" in runs:
         out["splitOverFused"] = ratio(runs["split"], runs["fused"])
     return out
+
+
+async def measure_uvicorn_echo(load: Load) -> dict[str, Any]:
+    """The echo relay under plain uvicorn (no Ray, no Serve proxy), same client and load."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.echo", "--port", str(port),
+        stdout=asyncio.subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base) as http:
+            for _ in range(100):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get("/health/ready")).status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+        target = Target("echo-uvicorn", base, f"ws://127.0.0.1:{port}/v1/ws", lambda u: u,
+                        verify=False)
+        return await load.run(target)
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
 
 
 async def measure_url(load: Load, url: str, data_dir: Path) -> dict[str, Any]:
@@ -683,6 +709,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topology", default="fused", help="comma list of fused,split (--spawn)")
     p.add_argument("--gateways", type=int, default=1, help="gateway replicas (--spawn)")
     p.add_argument("--cpu", type=float, default=0.1, help="num_cpus per replica (--spawn)")
+    p.add_argument("--proxy-cost", action="store_true",
+                   help="(--spawn) also measure the echo relay under plain uvicorn, no Serve "
+                        "proxy: serveOverUvicorn is what the proxy leaves of it")
     p.add_argument("--shared-machine", action="store_true",
                    help="(--spawn) measure even while another Ray runs on this machine; the "
                         "load averages at start and end go into the JSON")
@@ -725,7 +754,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.spawn:
         out = asyncio.run(measure_spawned(load, args.topologies, args.baseline, args.gateways,
                                           args.cpu, dict(_setting(s) for s in args.set),
-                                          args.shared_machine))
+                                          args.shared_machine, args.proxy_cost))
     else:
         from settings import Settings
 

@@ -109,3 +109,23 @@ class EchoRelay:
 
 
 echo_app = EchoRelay.bind()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The same relay under plain uvicorn, without Ray Serve: ``python -m bench.echo
+    --port P`` serves it on 127.0.0.1:P until stopped. The benchmark measures it beside
+    the Serve-proxied one to put a figure on what the proxy costs per frame."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m bench.echo")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    relay = EchoRelay.func_or_class()
+    uvicorn.run(relay.__serve_build_asgi_app__(), host="127.0.0.1", port=args.port,
+                log_level="warning", ws_per_message_deflate=False)
+
+
+if __name__ == "__main__":
+    main()
