@@ -147,6 +147,7 @@ class ChatRun:
     client_cpu_s: float
     process_cpu_s: dict[str, float] = field(default_factory=dict)
     rate: float | None = None
+    hop_ms: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         ps = self.pairs
@@ -187,6 +188,8 @@ class ChatRun:
         out["cpuByProcess"] = {
             g: {"coreShare": round(sec / wall, 3), "msPerMessage": round(sec * 1000 / max(done, 1), 3)}
             for g, sec in self.process_cpu_s.items()}
+        if self.hop_ms:
+            out["hopMeanMs"] = self.hop_ms
         server = sum(sec for g, sec in self.process_cpu_s.items() if g != "load-client")
         out["serverCpuMsPerMessage"] = round(server * 1000 / max(done, 1), 3)
         if all(p.stored is not None for p in ps):
@@ -349,6 +352,7 @@ async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
     receiving = [asyncio.create_task(_receiver(p, c, receipt_ms / 1000, all_settled, d))
                  for p, c, d in zip(ps, receivers, done, strict=True)]
     interval = pairs / rate if rate else None
+    hops0 = await _hop_totals(target)
     procs0 = proc_cpu.snapshot()
     cpu0 = time.process_time()
     started = time.perf_counter()
@@ -366,6 +370,9 @@ async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
     ended = max((p.receiver_done_at or time.perf_counter() for p in ps), default=time.perf_counter())
     cpu = time.process_time() - cpu0
     procs = proc_cpu.delta(procs0, proc_cpu.snapshot())
+    if hops0:
+        await asyncio.sleep(2.5)  # every process has pushed its metrics (metrics_push_s)
+    hops = _hop_means(hops0, await _hop_totals(target))
     for t in sending:
         t.cancel()
     try:
@@ -377,7 +384,47 @@ async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
         await asyncio.gather(*sending, *receiving, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in [*senders, *receivers]), return_exceptions=True)
     return ChatRun(target.name, ps, messages, inflight, started, ended, timed_out, cpu, procs,
-                   rate)
+                   rate, hops)
+
+
+HOP_SERIES = ("conveyor_hop_seconds", "conveyor_stage_seconds")
+
+
+async def _hop_totals(target: Target) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the per-hop and per-stage timing histograms, from ``/metrics``
+    (nothing for a target without them, such as the echo relay)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if not target.verify:
+        return {}
+    try:
+        async with httpx.AsyncClient(base_url=target.base_url, timeout=10) as http:
+            text = (await http.get("/metrics")).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in HOP_SERIES:
+            continue
+        for sample in family.samples:
+            key = sample.labels.get("hop") or f"stage:{sample.labels.get('stage')}"
+            slot = out.setdefault(key, [0.0, 0.0])
+            if sample.name.endswith("_sum"):
+                slot[0] += sample.value
+            elif sample.name.endswith("_count"):
+                slot[1] += sample.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _hop_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+               ) -> dict[str, float]:
+    """Mean milliseconds per observation of each hop and stage during the run."""
+    out = {}
+    for key, (total, count) in sorted(after.items()):
+        t0, c0 = before.get(key, (0.0, 0.0))
+        if count > c0:
+            out[key] = round((total - t0) / (count - c0) * 1000, 2)
+    return out
 
 
 async def _read_back(target: Target, ps: list[Pair], settle_s: float = 15.0) -> None:
