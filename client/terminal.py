@@ -44,6 +44,7 @@ HELP = """commands:
   /history [N]   show the chat's last N events (default 20)
   /who           who is online in this chat
   /drop [S]      drop the connection (as a network outage would), reconnect after S seconds
+  /reconnect     reconnect now (after /drop, or to move to another gateway)
   /help          this text
   /quit          leave (also Ctrl-D on an empty line, or Ctrl-C)"""
 TYPING_EVERY_S = 3.0
@@ -184,6 +185,7 @@ class TerminalChat:
         self._typing_shown: dict[str, float] = {}
         self._read_shown: dict[str, int] = {}
         self._drop_for: float | None = None
+        self._wake = asyncio.Event()
 
     def _token(self) -> str:
         return self.token() if callable(self.token) else self.token
@@ -269,7 +271,13 @@ class TerminalChat:
                 self.screen.line(f"* {u['userId']} {state}")
         elif name == "/drop":
             self._drop_for = float(arg) if arg.strip() else 0.0
+            self._wake.clear()
             if self.client is not None:
+                await self.client.ws.close()
+        elif name == "/reconnect":
+            if self._drop_for is not None:
+                self._wake.set()  # cut the /drop pause short
+            elif self.client is not None:
                 await self.client.ws.close()
         else:
             self.screen.line(f"! unknown command {name} (/help)")
@@ -347,8 +355,10 @@ class TerminalChat:
         resends unacknowledged messages under their original ids."""
         assert self.client is not None
         if self._drop_for is not None:
-            self.screen.line(f"-- connection dropped; reconnecting in {self._drop_for:g} s")
-            await asyncio.sleep(self._drop_for)
+            self.screen.line(f"-- connection dropped; reconnecting in {self._drop_for:g} s "
+                             "(/reconnect: now)")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._drop_for)
             self._drop_for = None
         else:
             self.screen.line("-- connection lost; reconnecting")

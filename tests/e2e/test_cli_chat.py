@@ -32,7 +32,7 @@ def chat_terminal(app: App, me: str, ref: str | None) -> tuple[pexpect.spawn, io
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env.update(CONVEYOR_DATA_DIR=str(app.data_dir), PYTHONIOENCODING="utf-8", TERM="xterm")
     term = pexpect.spawn(conveyor_exe(), ["chat", "--as", me, "--url", app.base_url, *([ref] if ref else [])],
-                         env=env, encoding="utf-8", timeout=30, dimensions=(50, 200))
+                         env=env, encoding="utf-8", timeout=60, dimensions=(50, 200))
     transcript = io.StringIO()
     term.logfile_read = transcript
     return term, transcript
@@ -46,7 +46,7 @@ def message_lines(transcript: io.StringIO, sender: str, body: str) -> int:
 def test_two_terminals_chat_with_typing_receipts_and_catch_up_after_a_drop(conveyor: App) -> None:
     alice, bob = user("alice"), user("bob")
     a, a_log = chat_terminal(conveyor, alice, f"@{bob}")
-    b = None
+    b, b_log = None, io.StringIO()
     try:
         a.expect("-- live")
         chat_id = re.search(r"-- chat (\S+) with", a_log.getvalue()).group(1)  # type: ignore[union-attr]
@@ -68,11 +68,12 @@ def test_two_terminals_chat_with_typing_receipts_and_catch_up_after_a_drop(conve
         a.expect(rf"#2 {re.escape(bob)}: hi alice")
 
         # Bob's connection drops; Alice goes on; Bob catches up on reconnect.
-        b.send("/drop 4\r")
+        b.send("/drop 300\r")
         b.expect("-- connection dropped")
         for i in range(1, 4):
             a.send(f"away {i}\r")
             a.expect(rf"#{i + 2} {re.escape(alice)}: away {i} ✓")
+        b.send("/reconnect\r")
         b.expect(r"-- reconnected; caught up (\d+) missed event", timeout=60)
         assert b.match.group(1) == "3"
         for i in range(1, 4):
@@ -99,6 +100,9 @@ def test_two_terminals_chat_with_typing_receipts_and_catch_up_after_a_drop(conve
             assert message_lines(b_log, sender, body) == 1, body
         b.sendcontrol("d")
         b.expect(pexpect.EOF)
+    except (pexpect.TIMEOUT, pexpect.EOF) as exc:
+        raise AssertionError(f"{type(exc).__name__}\n--- alice:\n{a_log.getvalue()[-3000:]}"
+                             f"\n--- bob:\n{b_log.getvalue()[-3000:]}") from None
     finally:
         for term in (a, b):
             if term is not None and term.isalive():
