@@ -260,9 +260,10 @@ class IngressConsumer:
                     dead.append((r, str(e)))
                     continue
                 key = r.key.decode("utf-8", "replace") if r.key is not None else None
-                valid.append(IngressRecord(kind, rid, fields, tp.topic, tp.partition, r.offset, key))
+                valid.append(IngressRecord(kind, rid, fields, tp.topic, tp.partition, r.offset,
+                                           key, r.value))
         try:
-            await self._dead_letter(dead)
+            await self._dead_letter_read(dead)
             verdict = await self.handler(valid) if valid else Intake.ACCEPTED
         except Exception as e:
             log.warning("ingress batch not accepted, it will be read again: %r", e)
@@ -300,19 +301,33 @@ class IngressConsumer:
             self.stats.commit_failures += 1
             log.warning("ingress commit failed (records will be read again): %r", e)
 
-    async def _dead_letter(self, dead: Sequence[tuple[ConsumerRecord[Any, Any], str]]) -> None:
+    async def dead_letter_valid(self, items: Sequence[tuple[IngressRecord, str]]) -> None:
+        """Records that parsed but the pipeline refused (not a member, no such chat...):
+        to the dead-letter topic with the reason, as invalid ones. The handler calls this
+        before it returns, so the letters are acknowledged before the offsets move."""
+        await self._dead_letter([
+            (r.topic, r.partition, r.offset, r.key.encode() if r.key is not None else None,
+             r.raw, reason) for r, reason in items])
+
+    async def _dead_letter_read(self, dead: Sequence[tuple[ConsumerRecord[Any, Any], str]]
+                                ) -> None:
+        await self._dead_letter([(r.topic, r.partition, r.offset, r.key, r.value, reason)
+                                 for r, reason in dead])
+
+    async def _dead_letter(self, dead: Sequence[tuple[str, int, int, bytes | None, bytes | None,
+                                                      str]]) -> None:
         producer = self._producer
         assert producer is not None
         futures = []
         sent: list[tuple[str, int, int]] = []
-        for r, reason in dead:
-            where = (r.topic, r.partition, r.offset)
+        for topic, partition, offset, key, value, reason in dead:
+            where = (topic, partition, offset)
             if where in self._dead_sent:  # re-read after a refused batch: written already
                 continue
-            text = r.value.decode("utf-8", "replace") if r.value is not None else None
-            letter = orjson.dumps({"reason": reason, "topic": r.topic, "partition": r.partition,
-                                   "offset": r.offset, "record": text})
-            futures.append(await producer.send(self.dlq_topic, letter, key=r.key))
+            text = value.decode("utf-8", "replace") if value is not None else None
+            letter = orjson.dumps({"reason": reason, "topic": topic, "partition": partition,
+                                   "offset": offset, "record": text})
+            futures.append(await producer.send(self.dlq_topic, letter, key=key))
             sent.append(where)
         if futures:
             await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)

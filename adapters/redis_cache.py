@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -155,12 +155,18 @@ for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], tonumber(ARGV[1])) end
 return #rows
 """
 
-# KEYS: u. ARGV: ttl_ms, then triples user, "count:asOf:read". Newer asOf wins.
+# KEYS: u. ARGV: ttl_ms, then pairs user, "count:asOf:read". Newer (asOf, read) wins.
 _FILL_UNREAD = r"""
 for k = 2, #ARGV, 2 do
   local old = redis.call('HGET', KEYS[1], ARGV[k])
-  local new_asof = tonumber(string.match(ARGV[k + 1], '^%d+:(%d+):'))
-  if not old or tonumber(string.match(old, '^%d+:(%d+):')) < new_asof then
+  local _, new_asof, new_read = string.match(ARGV[k + 1], '^(%d+):(%d+):(%d+)$')
+  new_asof = tonumber(new_asof); new_read = tonumber(new_read)
+  local old_asof, old_read = nil, nil
+  if old then
+    local _c, a, r = string.match(old, '^(%d+):(%d+):(%d+)$')
+    old_asof = tonumber(a); old_read = tonumber(r)
+  end
+  if not old or old_asof < new_asof or (old_asof == new_asof and old_read < new_read) then
     redis.call('HSET', KEYS[1], ARGV[k], ARGV[k + 1])
   end
 end
@@ -340,8 +346,11 @@ class ChatCache:
             return None
         return [_message(r) for r in raws]
 
-    async def unread(self, user_id: str, chat_ids: Sequence[str]) -> dict[str, int] | None:
-        """The member's unread count per chat, or ``None`` if any counter is cold."""
+    async def unread(self, user_id: str, chat_ids: Sequence[str],
+                     at_least: Mapping[str, tuple[int, int]] | None = None) -> dict[str, int] | None:
+        """The member's unread count per chat, or ``None`` if any counter is cold.
+        ``at_least``: per chat (last seq, read seq) of a store read; a counter behind
+        either (the cache stage or a receipt not applied to it yet) counts as cold."""
         await self._heal()
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -352,4 +361,12 @@ class ChatCache:
             raise CacheUnavailable(repr(e)) from e
         if any(r is None for r in raws):
             return None
-        return {c: int(r.split(b":")[0]) for c, r in zip(chat_ids, raws, strict=True)}
+        out: dict[str, int] = {}
+        for c, r in zip(chat_ids, raws, strict=True):
+            count, as_of, read = (int(x) for x in r.split(b":"))
+            if at_least is not None and c in at_least:
+                last_seq, read_seq = at_least[c]
+                if as_of < last_seq or read < read_seq:
+                    return None
+            out[c] = count
+        return out

@@ -81,6 +81,23 @@ METRICS: dict[str, tuple[str, str]] = {
                                    "dependency (credits, dedup, hub) and stage."),
     "conveyor_message_latency_seconds": ("histogram", "Accepted: receive to ack; delivered/read: "
                                           "stored to receipt."),
+    # The event bus, the Kafka ingress and the chat cache (only when configured).
+    "conveyor_event_outbox_pending": ("gauge", "Committed events not yet acknowledged by the "
+                                      "broker (waiting in the events outbox)."),
+    "conveyor_event_outbox_lag_seconds": ("gauge", "Age of the oldest event waiting in the "
+                                          "events outbox."),
+    "conveyor_event_relay_degraded": ("gauge", "1 while the event relay cannot publish (the "
+                                      "broker is down or refusing): events wait, chat goes on."),
+    "conveyor_events_published_total": ("counter", "Events the broker acknowledged."),
+    "conveyor_ingress_records_total": ("counter", "Kafka ingress records, by result: accepted, "
+                                       "dead_lettered, refused (read again later)."),
+    "conveyor_ingress_paused": ("gauge", "1 while the Kafka ingress has its partitions paused "
+                                "(the pipeline is saturated)."),
+    "conveyor_ingress_pauses_total": ("counter", "Times the Kafka ingress paused its partitions."),
+    "conveyor_cache_available": ("gauge", "1 while a process reaches the chat cache (Redis); 0: "
+                                 "it reads PostgreSQL instead, by process."),
+    "conveyor_cache_reads_total": ("counter", "Cache-backed reads (history, sync, chat list), by "
+                                   "result: hit, miss (PostgreSQL answered)."),
     # Emitted by the notification dispatcher (deployments/notifications.py).
     "conveyor_notification_attempts_total": ("counter", "Notification delivery attempts, by "
                                              "channel and status."),

@@ -19,7 +19,9 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.event_relay import EventRelay
 from deployments.gateway import Gateway
+from deployments.ingress import KafkaIngress
 from deployments.notifications.dispatcher import NotificationDispatcher
 from deployments.relay import OutboxRelay
 from deployments.stage_host import StageHost
@@ -90,4 +92,12 @@ def build_graph(args: dict[str, Any] | None = None,
     handles["relay"] = OutboxRelay.options(**options.get("OutboxRelay", {})).bind(wiring)
     notifier = NotificationDispatcher.options(
         **options.get("NotificationDispatcher", {})).bind(wiring)
-    return Gateway.options(**options.get("Gateway", {})).bind(wiring, hosts, handles, notifier)
+    # The event bus (out) and the Kafka ingress (in) exist only with a broker configured.
+    bus: dict[str, Any] = {}
+    if settings.kafka_bootstrap:
+        bus["event_relay"] = EventRelay.options(**options.get("EventRelay", {})).bind(wiring)
+        stage_handles = {h: d for h, d in handles.items() if h != "relay"}
+        bus["kafka_ingress"] = KafkaIngress.options(**options.get("KafkaIngress", {})).bind(
+            wiring, hosts, stage_handles, notifier)
+    return Gateway.options(**options.get("Gateway", {})).bind(wiring, hosts, handles, notifier,
+                                                              bus)

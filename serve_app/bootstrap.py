@@ -24,7 +24,12 @@ import ray
 from adapters.auth import DevKey, JwksKeys, JwtVerifier
 from adapters.bitrix import BitrixChannel, local_gate
 from adapters.cached_directory import CachedDirectory
+from adapters.cached_reads import CachedChats, CachedMessages, CacheHealth
 from adapters.clamd import ClamdScanner
+from adapters.event_outbox import EventOutbox
+from adapters.event_relay import EventRelay
+from adapters.kafka_events import EventPublisher
+from adapters.kafka_ingress import IngressConsumer
 from adapters.mailfiles import MailDirChannel
 from adapters.objects import LocalObjectStore, S3ObjectStore
 from adapters.postgres.attachments import PostgresAttachments
@@ -34,6 +39,7 @@ from adapters.postgres.messages import PostgresMessages
 from adapters.postgres.migrations import migrate, require_current
 from adapters.postgres.notifications import NotificationsStore
 from adapters.postgres.outbox import PostgresOutbox
+from adapters.redis_cache import ChatCache
 from adapters.smtp import SmtpChannel
 from cluster.credit_lease import LeasedCredits
 from cluster.credits import CreditBankClient
@@ -41,15 +47,18 @@ from cluster.dedup import DedupClient
 from cluster.hub import HubClient
 from cluster.ratelimit import SharedRateGate
 from deployments.notifications.kick import HandleKick
-from deployments.services import ChatServices, NotificationServices
+from deployments.services import ChatServices, NotificationServices, SoftCheck
 from serve_app.openapi import docs_routes
 from serve_app.web import web_client_routes
 from settings import Settings
 from stages.builtin import default_registry
-from stages.notifications import Channel, CircuitBreaker, GuardedChannel
+from stages.bus import CacheUnavailable, IngressHandler
+from stages.notifications import Channel, CircuitBreaker, GuardedChannel, Limits
 from stages.ports import (
     AttachmentLimits,
+    ChatStore,
     CreditBank,
+    MessageStore,
     NotificationLimits,
     Ports,
     RateGate,
@@ -178,9 +187,17 @@ class ProcessWiring:
     async def open_chat(self) -> ChatServices:
         s = self.settings
         pool = await open_database(s)
-        chats, messages = PostgresChats(pool), PostgresMessages(pool)
+        pg_chats = PostgresChats(pool)
+        # With an event bus, every commit appends its events to the events outbox too.
+        pg_messages = PostgresMessages(pool, events_enabled=bool(s.kafka_bootstrap))
+        chats: ChatStore = pg_chats
+        messages: MessageStore = pg_messages
         outbox, attachments = PostgresOutbox(pool), PostgresAttachments(pool)
-        directory = CachedDirectory(chats, s.membership_cache_s)
+        directory = CachedDirectory(pg_chats, s.membership_cache_s)
+        cache, cache_state, soft = chat_cache(s)
+        if cache is not None and cache_state is not None:
+            chats = CachedChats(pg_chats, cache, cache_state)
+            messages = CachedMessages(pg_messages, cache, cache_state)
         hub = HubClient(s.hub_shards, s.gateway_ttl_s)
         objects = object_store(s)
         registry = default_registry()
@@ -192,8 +209,8 @@ class ProcessWiring:
             objects=objects, attachments=attachments,
             scanner=(ClamdScanner(s.clamd_address, s.clamd_timeout_s)
                      if s.clamd_address else None),
-            defaults=stage_defaults(s))
-        checks: dict[str, Check] = {"database": chats.ping, "hub": hub.stats,
+            cache=cache, defaults=stage_defaults(s))
+        checks: dict[str, Check] = {"database": pg_chats.ping, "hub": hub.stats,
                                     "objects": objects.ping}
         if tokens.jwks is not None:
             checks["jwks"] = tokens.jwks.check
@@ -203,7 +220,8 @@ class ProcessWiring:
             uploads=objects if isinstance(objects, LocalObjectStore) else None,
             registry=registry, resolver=load_resolver(s, registry), ports=ports,
             verifier=tokens, checks=checks,
-            routes=[*docs_routes(s), *web_client_routes(s, tokens.dev_key)])
+            routes=[*docs_routes(s), *web_client_routes(s, tokens.dev_key)],
+            soft_checks=soft, cache=cache_state)
 
     async def open_notifications(self, dispatcher: Any | None = None) -> NotificationServices:
         """The notification service's: ``dispatcher`` (the dispatcher deployment's handle,
@@ -211,7 +229,7 @@ class ProcessWiring:
         passes none."""
         s = self.settings
         pool = await open_database(s)
-        store = NotificationsStore(pool)
+        store = NotificationsStore(pool, events_enabled=bool(s.kafka_bootstrap))
         guarded, checks = channels(s)
         if dispatcher is not None:
             checks["notification_dispatcher"] = lambda: dispatcher.ping.remote()
@@ -219,6 +237,55 @@ class ProcessWiring:
             settings=s, store=store, queue=store, channels=guarded,
             kick=HandleKick(dispatcher) if dispatcher is not None else None,
             checks=checks)
+
+
+    async def open_events(self) -> EventRelay:
+        """The event relay: the events outbox to ``kafka_events_topic`` (acks=all)."""
+        s = self.settings
+        if not s.kafka_bootstrap:
+            raise ValueError("the event relay needs kafka_bootstrap")
+        pool = await open_database(s)
+        publisher = EventPublisher(s.kafka_bootstrap, s.kafka_events_topic,
+                                   timeout_s=s.kafka_timeout_s)
+        return EventRelay(EventOutbox(pool), publisher, batch=s.event_relay_batch,
+                          lease_s=s.event_relay_lease_s, idle_s=s.event_relay_interval_s,
+                          backoff_max_s=s.event_relay_backoff_max_s)
+
+    def open_ingress(self, handler: IngressHandler, saturated: Callable[[], Any]
+                     ) -> IngressConsumer:
+        """A consumer of ``kafka_ingress_topic`` in ``kafka_ingress_group``."""
+        s = self.settings
+        if not s.kafka_bootstrap:
+            raise ValueError("the Kafka ingress needs kafka_bootstrap")
+        return IngressConsumer(
+            s.kafka_bootstrap, s.kafka_ingress_topic, s.kafka_ingress_group, handler,
+            dlq_topic=s.kafka_ingress_dlq_topic, saturated=saturated,
+            max_batch=s.kafka_ingress_batch, retry_s=s.kafka_ingress_retry_s,
+            limits=Limits(s.notification_max_contacts, s.notification_max_message_chars),
+            timeout_s=s.kafka_timeout_s)
+
+
+def chat_cache(s: Settings) -> tuple[ChatCache | None, CacheHealth | None, dict[str, SoftCheck]]:
+    """(the chat cache, its state, its soft readiness check), or none of them without
+    ``redis_url``: reads then go to PostgreSQL as always."""
+    if not s.redis_url:
+        return None, None, {}
+    cache = ChatCache(s.redis_url, max_messages=s.cache_chat_messages, ttl_s=s.cache_ttl_s,
+                      timeout_s=s.redis_timeout_s)
+    state = CacheHealth()
+
+    async def redis_check() -> dict[str, Any]:
+        detail: dict[str, Any] = {"hits": state.hits, "misses": state.misses,
+                                  "unavailable": state.unavailable}
+        try:
+            await cache.ping()
+        except CacheUnavailable as exc:
+            state.failed(exc)
+            return {"status": "degraded", "error": str(exc)[:200], **detail}
+        state.ok()
+        return {"status": "up", **detail}
+
+    return cache, state, {"redis": redis_check}
 
 
 def migrate_now(s: Settings) -> list[str]:

@@ -48,6 +48,14 @@ class Settings(BaseSettings):
         "Consumer group of the ingress consumers (they share the topic's partitions)."))
     kafka_ingress_batch: int = Field(default=500, ge=1, description=(
         "Most ingress records handed to the pipeline in one batch."))
+    kafka_ingress_retry_s: float = Field(default=1.0, description=(
+        "After the pipeline refused an ingress batch, the least time its partitions stay "
+        "paused before the consumer looks again."))
+    kafka_ingress_pause_latency_s: float = Field(default=2.0, description=(
+        "An ingress batch whose hand-off to the pipeline took longer than this pauses the "
+        "ingress partitions (the pipeline is saturated) until the pace recovers."))
+    kafka_ingress_pause_backlog: int = Field(default=20_000, ge=1, description=(
+        "Frames waiting in the hub's mailboxes at which the ingress pauses its partitions."))
     kafka_timeout_s: float = Field(default=10.0, description=(
         "Longest wait for the broker: one publish's acknowledgement, a dead letter's."))
     event_relay_batch: int = Field(default=500, ge=1, description=(

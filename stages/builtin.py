@@ -21,6 +21,7 @@ from stages.attachments import (
     ValidateAttachment,
     VerifyUpload,
 )
+from stages.cache import CacheChat
 from stages.chat import Ack, ApplyReceipts, DeliverChat, DeliverLocal, PersistChat, ValidateChat
 from stages.commands import PersistCommand, ValidateCommand
 from stages.load import DebitCredits
@@ -79,6 +80,7 @@ def default_registry() -> StageRegistry:
         need(p.directory, "directory", "validate_chat"), int(o.get("max_body_chars", 4000))))
     reg.register("persist_chat", lambda o, p: PersistChat(need(p.store, "store", "persist_chat")))
     reg.register("ack", lambda o, p: Ack(need(p.acks, "acks", "ack")))
+    reg.register("cache_chat", lambda o, p: CacheChat(p.cache, p.outages))
     reg.register("deliver_chat", lambda o, p: DeliverChat(
         need(p.hub, "hub", "deliver_chat"), need(p.outbox, "outbox", "deliver_chat"),
         bool(o.get("local", False)), p.outages))

@@ -45,6 +45,7 @@ class IngressRecord:
     partition: int
     offset: int
     key: str | None = None
+    raw: bytes | None = None  # the record's value as read (for a dead letter)
 
 
 IngressHandler = Callable[[list[IngressRecord]], Awaitable[Intake | None]]
@@ -99,7 +100,10 @@ class ChatCache(Protocol):
         when the cached window does not cover the range (read the store instead)."""
         ...
 
-    async def unread(self, user_id: str, chat_ids: Sequence[str]) -> dict[str, int] | None:
+    async def unread(self, user_id: str, chat_ids: Sequence[str],
+                     at_least: Mapping[str, tuple[int, int]] | None = None
+                     ) -> dict[str, int] | None:
         """The member's unread count per chat, as the store's chat list counts it, or
-        ``None`` when any of them is not cached."""
+        ``None`` when any of them is not cached, or (``at_least``: per chat the last seq
+        and read seq of a store read) is behind that read."""
         ...

@@ -76,7 +76,7 @@ class PersistCommand:
                 continue
             env.meta.update(
                 messageId=s.message_id, chatId=s.chat_id, seq=s.seq, createdAt=s.created_at,
-                duplicate=s.duplicate, outboxId=s.outbox_id,
+                duplicate=s.duplicate, outboxId=s.outbox_id, commandData=s.data,
                 members=sorted(members.get(s.chat_id, ())),
                 ack={"targetMessageId": env.fields["messageId"]},
                 frame=command_frame(env.fields["op"], s.message_id, env.fields["messageId"],

@@ -38,7 +38,7 @@ from deployments.http import ApiError, authenticate, token_of
 from deployments.middleware import EXCEPTION_HANDLERS, wrap
 from deployments.notifications.api import NotificationApi
 from deployments.pipeline_runner import PipelineRunner
-from deployments.services import Check, Wiring
+from deployments.services import Check, SoftCheck, Wiring
 from stages.notifications import DispatchKick
 
 log = logging.getLogger("conveyor.gateway")
@@ -56,7 +56,9 @@ def replica_id() -> str:
 @serve.ingress()
 class Gateway:
     async def __init__(self, wiring: Wiring, hosts: dict[str, str], handles: dict[str, Any],
-                       notifier: Any = None) -> None:
+                       notifier: Any = None, bus: dict[str, Any] | None = None) -> None:
+        """``bus``: handles of the event relay and the Kafka ingress, when deployed (their
+        state is soft readiness detail: the chat works without them)."""
         self.replica_id = replica_id()
         self.services = svc = await wiring.open_chat()
         self.settings = s = svc.settings
@@ -90,6 +92,10 @@ class Gateway:
             **svc.checks, **notices.checks,
             **{f"deployment:{name}": self._pinger(h) for name, h in handles.items()},
         }
+        self.soft_checks: dict[str, SoftCheck] = dict(svc.soft_checks)
+        for name, handle in (bus or {}).items():
+            self.soft_checks[name] = self._soft(handle)
+        self._cache_reads = (0, 0)
         self._kick: DispatchKick | None = notices.kick
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -99,6 +105,10 @@ class Gateway:
     @staticmethod
     def _pinger(handle: Any) -> Check:
         return lambda: handle.ping.remote()
+
+    @staticmethod
+    def _soft(handle: Any) -> SoftCheck:
+        return lambda: handle.health.remote()
 
     def __serve_build_asgi_app__(self) -> Starlette:
         app = Starlette(routes=self._routes(), exception_handlers=EXCEPTION_HANDLERS)
@@ -118,7 +128,7 @@ class Gateway:
             *self.chats_api.routes(),
             *self.attachments_api.routes(),
             *uploads.routes(),
-            *HealthApi(lambda: self.checks).routes(),
+            *HealthApi(lambda: self.checks, lambda: self.soft_checks).routes(),
             *MetricsApi(self.metrics, self.services.hub, self.services.outbox,
                         self.services.chats).routes(),
             *self.notifications.routes(),
@@ -223,6 +233,16 @@ class Gateway:
         rec.set("conveyor_connections", len(conns), replica=self.replica_id)
         rec.set("conveyor_deliveries_unreceipted", sum(c.unreceipted for c in conns),
                 replica=self.replica_id)
+        cache = self.services.cache
+        if cache is not None:
+            rec.set("conveyor_cache_available", 1 if cache.available else 0,
+                    replica=self.replica_id)
+            hits, misses = self._cache_reads
+            if cache.hits > hits:
+                rec.inc("conveyor_cache_reads_total", cache.hits - hits, result="hit")
+            if cache.misses > misses:
+                rec.inc("conveyor_cache_reads_total", cache.misses - misses, result="miss")
+            self._cache_reads = (cache.hits, cache.misses)
 
     async def check_health(self) -> None:
         await self.services.chats.ping()

@@ -33,7 +33,9 @@ class ValidateNotification:
                 out.append(Outcome.reject(env, "invalid", "; ".join(i["message"] for i in issues)))
                 continue
             subject = env.meta.get("subject") or {"id": env.sender}
-            notification_id = self.id_factory()
+            # The Kafka ingress names the id (derived from its record id), so a record
+            # read again after a crash is recognised as the same notification.
+            notification_id = str(env.meta.get("notificationId") or self.id_factory())
             env.meta["notification"] = {
                 "id": notification_id,
                 "createdAt": rfc3339_ms(env.received_at),

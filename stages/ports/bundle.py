@@ -9,13 +9,16 @@ stage and the missing port when a pipeline puts a stage where its port is absent
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from stages.ports.analytics import Analytics, Outages
 from stages.ports.attachments import AttachmentStore, ObjectStore, VirusScanner
 from stages.ports.chat import Contacts, Directory, MessageStore, Outbox
 from stages.ports.delivery import AckSink, DeliveryHub, LocalDelivery, Notices
 from stages.ports.load import CreditBank, DedupWindow
+
+if TYPE_CHECKING:  # stages.bus imports this package: only for the annotation
+    from stages.bus import ChatCache
 
 T = TypeVar("T")
 
@@ -63,6 +66,7 @@ class Ports:
     notices: Notices | None = None
     analytics: Analytics | None = None
     outages: Outages | None = None
+    cache: ChatCache | None = None  # the chat cache (Redis); None: no cache configured
     # The notification service's ports (typed in stages.notifications.ports; kept as
     # ``object`` here so this module does not depend on that package).
     notification_store: object | None = None
