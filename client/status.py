@@ -95,7 +95,8 @@ def summarize_serve(details: dict[str, Any]) -> dict[str, Any]:
                 "status": _plain(dep.get("status")),
                 "targetReplicas": dep.get("target_num_replicas"),
                 "replicas": dict(states),
-                "nodes": sorted({str(rep.get("node_ip") or rep.get("node_id") or "?")
+                # ip and short node id: nodes of one machine share an ip
+                "nodes": sorted({f"{rep.get('node_ip') or '?'} ({str(rep.get('node_id') or '?')[:6]})"
                                  for rep in replicas}),
                 "autoscaling": config.get("autoscaling_config") is not None,
             }

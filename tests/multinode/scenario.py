@@ -517,6 +517,20 @@ def main(argv: list[str] | None = None) -> int:
         log("placement", json.dumps(report["placementBefore"]))
         if args.screenshot:
             report["dashboard"] = open_dashboard(dashboard_port or 0, args.screenshot)
+            # `conveyor status` reads deployments from the dashboard's REST API.
+            from client.status import collect
+
+            status = collect(base_url, f"http://127.0.0.1:{dashboard_port}", None)
+            report["status"] = {
+                "ready": status.get("ready"), "source": status.get("serveSource"),
+                "errors": status.get("serveErrors"),
+                "replicas": {d: v["replicas"] for d, v in
+                             ((status.get("serve") or {}).get("conveyor") or {})
+                             .get("deployments", {}).items()},
+                "nodes": {d: len(v["nodes"]) for d, v in
+                          ((status.get("serve") or {}).get("conveyor") or {})
+                          .get("deployments", {}).items()},
+            }
 
         # The victim: a worker hosting a gateway (preferably a stage host too).
         def score(w: Any) -> int:
@@ -556,10 +570,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         report["ok"] = True
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        with contextlib.suppress(Exception):
-            ray.shutdown()
+        if ray.is_initialized():  # (serve.shutdown() without Ray would start a local one)
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            with contextlib.suppress(Exception):
+                ray.shutdown()
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.shutdown()

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1200)  # two attempts at most
 def test_worker_node_lost_mid_traffic_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     args = [sys.executable, "-m", "tests.multinode.scenario", "--out", str(out)]
@@ -32,7 +32,12 @@ def test_worker_node_lost_mid_traffic_loses_and_duplicates_nothing(tmp_path: Pat
         args += ["--screenshot", str(screenshot)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1100)
+    for _attempt in range(2):
+        proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+        # Ray gives a node 30 s to register; on a machine this loaded a node may miss it.
+        # The cluster's processes end with the scenario's process: start it again, once.
+        if "timed out during startup" not in proc.stderr:
+            break
     (ARTIFACTS / "node-loss-report.json").write_text(out.read_text() if out.exists() else "{}")
     (ARTIFACTS / "node-loss.log").write_text(proc.stderr[-200_000:])
     assert proc.returncode == 0 and out.exists(), proc.stderr[-5000:]
@@ -68,5 +73,9 @@ def test_worker_node_lost_mid_traffic_loses_and_duplicates_nothing(tmp_path: Pat
         assert report["dashboard"]["deployments"] == sorted(
             ["Gateway", "stages", "OutboxRelay", "NotificationDispatcher"])
         assert screenshot.exists() and screenshot.stat().st_size > 10_000
+        # `conveyor status` found the same through the dashboard's REST API.
+        status = report["status"]
+        assert status["ready"] is True and status["source"].startswith("http://127.0.0.1:")
+        assert status["replicas"]["Gateway"] == {"RUNNING": 2} and status["nodes"]["Gateway"] == 2
     if shutil.which("ray") is None:
         pytest.skip("ray CLI missing: dashboard token path not exercised")
