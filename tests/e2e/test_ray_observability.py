@@ -56,6 +56,9 @@ def discovery_targets() -> tuple[list[str], str]:
     return [f"127.0.0.1:{p}" for p in ports], "ray.nodes()"
 
 
+LE: set[str] = set()  # bucket bounds seen on ray_conveyor_stage_seconds_bucket
+
+
 def scrape_agents(targets: list[str]) -> set[str]:
     names: set[str] = set()
     for target in targets:
@@ -64,6 +67,8 @@ def scrape_agents(targets: list[str]) -> set[str]:
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
             for family in text_string_to_metric_families(text):
                 names |= {s.name for s in family.samples}
+                LE.update(s.labels["le"] for s in family.samples
+                          if s.name == "ray_conveyor_stage_seconds_bucket" and "le" in s.labels)
     return names
 
 
@@ -133,6 +138,8 @@ async def test_dashboard_metrics_are_exported_by_rays_metrics_agents(conveyor: A
     await b.close()
     missing = sorted(wanted - seen)
     assert not missing, (missing, source, sorted(n for n in seen if n.startswith("ray_serve")))
+    # Histograms arrive with their bucket bounds, as histogram_quantile() needs them.
+    assert {"0.001", "0.1", "+Inf"} <= LE, sorted(LE)
     # Conveyor's series sit beside Ray's own, in the same scrape.
     assert any(n.startswith("ray_serve_") for n in seen)
     assert any(n.startswith("ray_node_") or n.startswith("ray_tasks") for n in seen)
