@@ -155,7 +155,11 @@ class IngressConsumer:
         self._consumer = AIOKafkaConsumer(
             self.topic, bootstrap_servers=self.bootstrap, group_id=self.group_id,
             client_id=self.client_id, enable_auto_commit=False, auto_offset_reset="earliest",
-            max_poll_records=self.max_batch, request_timeout_ms=int(self.timeout_s * 1000))
+            max_poll_records=self.max_batch,
+            # A broker may hold a JoinGroup until its rebalance settles (members that left,
+            # the initial delay): a join timed out and retried leaves one more member to
+            # wait for, so a short timeout can keep the group from ever forming.
+            request_timeout_ms=int(max(self.timeout_s, 40.0) * 1000))
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, client_id=f"{self.client_id}-dlq", acks="all",
             request_timeout_ms=int(self.timeout_s * 1000))

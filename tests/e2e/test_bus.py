@@ -9,6 +9,9 @@ flag file exists, so a test can make the pipeline saturated and fast again.
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,7 +27,7 @@ from aiokafka import AIOKafkaProducer
 
 from client import HttpClient, WsClient
 from tests.conftest import E2E_SETTINGS, App
-from tests.integration.kafka_helpers import make_topics, read_topic, topic_name, values
+from tests.integration.kafka_helpers import read_topic, values
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +40,17 @@ SLOW_S = 1.5  # per batch while flagged: above kafka_ingress_pause_latency_s
 
 def user() -> str:
     return f"u-{uuid.uuid4().hex[:8]}"
+
+
+README = Path(ROOT, "README.md")
+
+
+def readme_snippet(i: int, bootstrap: str) -> str:
+    """The i-th ``python - <<'PY'`` block of the README's "Kafka and Redis" section, with
+    the suite's broker instead of 127.0.0.1:9092."""
+    section = README.read_text().split("\n## Kafka and Redis\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"python - <<'PY'\n(.*?)\nPY\n", section, re.S)
+    return str(blocks[i]).replace("127.0.0.1:9092", bootstrap)
 
 
 def pipelines_with_slow_stage(flag: Path, out: Path) -> Path:
@@ -63,21 +77,22 @@ def bus_app(conveyor: App, new_database: Any, kafka_broker: Any, redis_server: A
     from serve_app.app import build_graph
 
     work = tmp_path_factory.mktemp("bus")
-    topics = {"events": topic_name("events"), "ingress": topic_name("ingress"),
-              "dlq": topic_name("dlq")}
-    asyncio.run(make_topics(kafka_broker.bootstrap, *topics.values(), partitions=3))
+    # The topics of PROTOCOL.md's names, made as the README makes them.
+    topics = {"events": "conveyor.events", "ingress": "conveyor.ingress",
+              "dlq": "conveyor.ingress.dlq"}
+    made = subprocess.run([sys.executable, "-c", readme_snippet(0, kafka_broker.bootstrap)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
     flag = work / "slow"
     base = f"{conveyor.base_url}{PREFIX}"
     dsn = new_database("bus")
     settings = {**E2E_SETTINGS, "data_dir": str(conveyor.data_dir), "database_url": dsn,
                 "mail_dir": str(work / "mail"), "public_base_url": base,
                 "kafka_bootstrap": kafka_broker.bootstrap, "redis_url": redis_server.url,
-                "kafka_events_topic": topics["events"], "kafka_ingress_topic": topics["ingress"],
-                "kafka_ingress_dlq_topic": topics["dlq"],
                 "kafka_ingress_group": f"bus-{uuid.uuid4().hex[:6]}",
                 "kafka_ingress_pause_latency_s": 1.0, "kafka_ingress_retry_s": 0.5,
-                "kafka_timeout_s": 5.0, "event_relay_interval_s": 0.1,
-                "event_relay_backoff_max_s": 2.0, "event_relay_lease_s": 10.0,
+                "event_relay_interval_s": 0.1,
+                "event_relay_backoff_max_s": 2.0, "event_relay_lease_s": 20.0,
                 "pipelines_file": str(pipelines_with_slow_stage(flag, work / "pipelines.yaml"))}
     # Every process of this app imports the slow stage from the repository's tests.
     small = {"ray_actor_options": {"num_cpus": 0.05,
@@ -91,7 +106,7 @@ def bus_app(conveyor: App, new_database: Any, kafka_broker: Any, redis_server: A
     app.topics, app.flag = topics, flag
     try:
         # The ingress consumer joins its group in the background: wait for it.
-        joined = asyncio.run(until(lambda: _ingress_up(), 60, every=0.5))
+        joined = asyncio.run(until(lambda: _ingress_up(), 120, every=0.5))
         assert joined, "the ingress consumer did not start"
         yield app
     finally:
@@ -193,6 +208,39 @@ async def _event_of(app: BusApp, message_id: str) -> tuple[str, dict[str, Any]] 
         if v.get("messageId") == message_id and v.get("type") == "message":
             return r.key.decode(), v
     return None
+
+
+async def test_the_readmes_snippets_show_an_event_and_deliver_a_system_record(
+        bus_app: BusApp) -> None:
+    bootstrap = bus_app.settings["kafka_bootstrap"]
+    bob, alice = user(), user()
+    chat = await chat_of(bus_app, alice, bob)
+    async with await WsClient.connect(bus_app.ws_url, bus_app.token(bob)) as ws:
+        producer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", readme_snippet(2, bootstrap).replace('["bob"]', f'["{bob}"]'),
+            stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(producer.communicate(), 60)
+        assert producer.returncode == 0, err.decode()
+        frame = await ws.expect(lambda f: f["type"] == "system"
+                                and f.get("event") == "maintenance", timeout=30)
+        assert frame["data"] == {"at": "22:00"}
+    async with await WsClient.connect(bus_app.ws_url, bus_app.token(alice)) as ws:
+        ack = await ws.ack(await ws.chat(chat, "hi"), timeout=20)
+    reader = await asyncio.create_subprocess_exec(
+        sys.executable, "-u", "-c", readme_snippet(1, bootstrap), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        assert reader.stdout is not None
+        async with asyncio.timeout(60):
+            while True:
+                line = (await reader.stdout.readline()).decode()
+                assert line, "the README's consumer ended without printing the event"
+                if ack["messageId"] in line:
+                    break
+        assert line.startswith(chat) and "'type': 'message'" in line
+    finally:
+        reader.kill()
+        await reader.wait()
 
 
 # --- Kafka ingress (in) ---------------------------------------------------------------
