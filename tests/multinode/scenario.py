@@ -8,9 +8,9 @@ The cluster (``ray.cluster_utils.Cluster``, every node on 127.0.0.1 — FIELD-NO
 (Serve's controller and proxy) and two workers, one CPU each. Placement, as a Serve config
 would state it: two gateway replicas and two stage-host replicas, each at most one per node
 (``max_replicas_per_node``), so they spread and a lost one has a free node to go to; the
-state actors (hub, credit and dedup shards, telemetry) created up front with a soft node
-affinity spread over all three nodes (the app finds them by name; a lost one restarts on a
-survivor).
+state actors (hub, credit and dedup shards, telemetry) created up front, each asked softly
+for the next node in turn (Ray may place one elsewhere: the report says where each is; the
+app finds them by name; a lost one restarts on a survivor).
 
 Senders and receivers are paired across gateways on different nodes. While they chat, the
 worker hosting a gateway (and whatever else landed there) is removed. Clients that lose
