@@ -57,10 +57,15 @@ class LeasedCredits:
         self._reaper: asyncio.Task[None] | None = None
 
     async def debit(self, requests: Sequence[tuple[str, int]]) -> list[Debit]:
-        now = time.monotonic()
         need: dict[str, int] = {}
         for user, cost in requests:
             need[user] = need.get(user, 0) + cost
+        if self._topping is not None and not self._topping.done() and any(
+                self._held(u).credits < n for u, n in need.items()):
+            # A top-up on its way may cover what is short: wait for it rather than race it
+            # at the bank (which could refuse now what the top-up is bringing).
+            await asyncio.shield(self._topping)
+        now = time.monotonic()
         # Exactly what is missing (so a refusal's retry time is right); the background
         # top-up adds the rest of a lease.
         short = [(u, n - self._held(u).credits) for u, n in need.items()

@@ -64,10 +64,11 @@ class CreditShard:
 class CreditBankClient:
     """The ``CreditBank`` port over the shards: one call per shard per batch."""
 
-    def __init__(self, shards: int, capacity: int, refill: int, interval_s: float) -> None:
+    def __init__(self, shards: int, capacity: int, refill: int, interval_s: float,
+                 prefix: str = "conveyor") -> None:
         self.n = max(1, shards)
         self.actors = [
-            named_actor(CreditShard, f"conveyor-credits-{i}", capacity, refill, interval_s)
+            named_actor(CreditShard, f"{prefix}-credits-{i}", capacity, refill, interval_s)
             for i in range(self.n)
         ]
 

@@ -52,9 +52,9 @@ class DedupShard:
 
 
 class DedupClient:
-    def __init__(self, shards: int, ttl_s: float) -> None:
+    def __init__(self, shards: int, ttl_s: float, prefix: str = "conveyor") -> None:
         self.n = max(1, shards)
-        self.actors = [named_actor(DedupShard, f"conveyor-dedup-{i}", ttl_s) for i in range(self.n)]
+        self.actors = [named_actor(DedupShard, f"{prefix}-dedup-{i}", ttl_s) for i in range(self.n)]
 
     async def first_seen(self, keys: Sequence[str]) -> list[bool | None]:
         parts: dict[int, list[int]] = defaultdict(list)

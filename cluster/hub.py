@@ -215,10 +215,11 @@ class ConnectionHub:
 class HubClient:
     """The ``ConnectionRegistry`` port (and so ``DeliveryHub``) over the hub shards."""
 
-    def __init__(self, shards: int = 1, gateway_ttl_s: float = 15.0) -> None:
+    def __init__(self, shards: int = 1, gateway_ttl_s: float = 15.0,
+                 prefix: str = "conveyor") -> None:
         self.n = max(1, shards)
         self.actors = [
-            named_actor(ConnectionHub, f"conveyor-hub-{i}", i, gateway_ttl_s) for i in range(self.n)
+            named_actor(ConnectionHub, f"{prefix}-hub-{i}", i, gateway_ttl_s) for i in range(self.n)
         ]
 
     @property

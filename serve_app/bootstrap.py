@@ -97,7 +97,7 @@ def verifier(s: Settings) -> JwtVerifier:
 def credit_bank(s: Settings) -> CreditBank:
     """The sharded bank, behind a per-process lease of each active user's credits."""
     bank = CreditBankClient(s.credit_shards, s.credit_capacity, s.credit_refill,
-                            s.credit_interval_s)
+                            s.credit_interval_s, s.state_actor_prefix)
     return LeasedCredits(bank, s.credit_lease, s.credit_lease_idle_s) if s.credit_lease else bank
 
 
@@ -198,14 +198,14 @@ class ProcessWiring:
         if cache is not None and cache_state is not None:
             chats = CachedChats(pg_chats, cache, cache_state)
             messages = CachedMessages(pg_messages, cache, cache_state)
-        hub = HubClient(s.hub_shards, s.gateway_ttl_s)
+        hub = HubClient(s.hub_shards, s.gateway_ttl_s, s.state_actor_prefix)
         objects = object_store(s)
         registry = default_registry()
         tokens = verifier(s)
         ports = Ports(
             store=messages, outbox=outbox, directory=directory, contacts=chats, hub=hub,
             credits=credit_bank(s),
-            dedup=DedupClient(s.dedup_shards, s.signal_dedup_ttl_s),
+            dedup=DedupClient(s.dedup_shards, s.signal_dedup_ttl_s, s.state_actor_prefix),
             objects=objects, attachments=attachments,
             scanner=(ClamdScanner(s.clamd_address, s.clamd_timeout_s)
                      if s.clamd_address else None),

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
         "First redelivery after this long without a receipt; doubles each time."))
     redelivery_max_s: float = 60.0
     hub_shards: int = Field(default=1, description="Connection hub actors (users are hashed).")
+    state_actor_prefix: str = Field(default="conveyor", description=(
+        "Name prefix of the hub, credit and dedup actors (named, shared by every replica of "
+        "the app). Two apps in one Ray cluster with different prefixes keep separate state."))
     hub_pull_wait_s: float = Field(default=1.0, description=(
         "Longest wait of one hub mailbox long-poll: a pull returns as soon as there is "
         "something to deliver, so an idle gateway makes one call per wait per shard."))

@@ -75,3 +75,27 @@ async def test_idle_leases_go_back_to_the_bank() -> None:
     assert bank.buckets.level("carol", 0.0) < 9
     returned = await credits.give_back(idle_only=True)
     assert returned > 0 and bank.buckets.level("carol", 0.0) == 9  # only the one spent is gone
+
+
+async def test_a_batch_short_while_a_top_up_is_on_its_way_waits_for_it() -> None:
+    """Capacity 3: the first batch leases 1, the top-up brings the other 2; a batch that
+    comes meanwhile is covered by that top-up, not refused by a race at the bank."""
+
+    class SlowBank(Bank):
+        """Top-ups (more than one credit wanted) come back slowly."""
+
+        async def lease(self, requests: Sequence[tuple[str, int]]) -> list[Lease]:
+            got = await super().lease(requests)
+            if any(n > 1 for _, n in requests):
+                await asyncio.sleep(0.2)
+            return got
+
+    credits = LeasedCredits(SlowBank(capacity=3, refill=3, interval_s=60.0), lease_size=10)
+    assert (await credits.debit([("dan", 1)]))[0].granted
+    await asyncio.sleep(0)  # the top-up has taken the other 2 at the bank, not yet back
+    assert credits._topping is not None and not credits._topping.done()
+    (second,) = await credits.debit([("dan", 1)])
+    (third,) = await credits.debit([("dan", 1)])
+    assert second.granted and third.granted
+    (fourth,) = await credits.debit([("dan", 1)])
+    assert not fourth.granted and fourth.retry_after > 0
