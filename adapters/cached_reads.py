@@ -111,9 +111,7 @@ class CachedChats:
         self.cache = cache
         self.health = health
 
-    def __getattr__(self, name: str) -> Any:  # every other ChatStore method is the store's
-        return getattr(self.chats, name)
-
+    # Every other ChatStore (and Contacts) method is the store's.
     async def ping(self) -> None:
         await self.chats.ping()
 
@@ -122,6 +120,15 @@ class CachedChats:
 
     async def pointers(self, user_id: str, chat_id: str | None = None) -> list[Pointer]:
         return await self.chats.pointers(user_id, chat_id)
+
+    async def create_chat(self, creator: str, members: Sequence[str], title: str | None) -> str:
+        return await self.chats.create_chat(creator, members, title)
+
+    async def delivery_backlog(self) -> tuple[int, float]:
+        return await self.chats.delivery_backlog()
+
+    async def contacts(self, user_ids: Sequence[str]) -> dict[str, frozenset[str]]:
+        return await self.chats.contacts(user_ids)
 
     async def chats_of(self, user_id: str) -> list[dict[str, Any]]:
         if self.health.available:
