@@ -114,8 +114,10 @@ class TokenBuckets:
         tokens -= taken
         self._state[key] = (tokens, last)
         short = want - taken
-        retry = 0.0 if short <= 0 else (INF if want > self.capacity and taken == 0
-                                        else self._covered_in(short - tokens, last, now))
+        # Until the part not granted is back; a part larger than the bucket: until it is
+        # full again (then at least the next request can pass).
+        retry = 0.0 if short <= 0 else self._covered_in(min(short, self.capacity) - tokens,
+                                                        last, now)
         return Lease(taken > 0, max(int(tokens), 0), retry, taken)
 
     def give(self, key: str, tokens: int, now: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from stages.model import Envelope, Outcome
@@ -54,10 +55,13 @@ class DebitCredits:
                                         {"remaining": ans.remaining})
                 out.append(Outcome.ok(env))
                 continue
-            retry = round(ans.retry_after, 3)
+            # Never (a cost above the bucket's capacity, or no refills): no retry time.
+            retry = round(ans.retry_after, 3) if math.isfinite(ans.retry_after) else None
             if (env.connection, "exhausted") not in warned:
                 warned.add((env.connection, "exhausted"))
                 self.notices.notify(env.connection, "credits_exhausted", {"retryAfter": retry})
-            out.append(Outcome.reject(env, "credits_exhausted",
-                                      f"no credits left; retry in {retry} s", retry))
+            out.append(Outcome.reject(
+                env, "credits_exhausted",
+                f"no credits left; retry in {retry} s" if retry is not None
+                else "this message costs more credits than a user can hold", retry))
         return out

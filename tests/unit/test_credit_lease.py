@@ -99,3 +99,11 @@ async def test_a_batch_short_while_a_top_up_is_on_its_way_waits_for_it() -> None
     assert second.granted and third.granted
     (fourth,) = await credits.debit([("dan", 1)])
     assert not fourth.granted and fourth.retry_after > 0
+
+
+async def test_a_batch_larger_than_the_bucket_is_refused_with_a_finite_retry_time() -> None:
+    bank = Bank(capacity=3, refill=3, interval_s=60.0)
+    credits = LeasedCredits(bank, lease_size=10)
+    answers = await credits.debit([("erin", 1)] * 6)
+    assert [d.granted for d in answers] == [True, True, True, False, False, False]
+    assert all(0 < d.retry_after <= 60.0 for d in answers[3:])
