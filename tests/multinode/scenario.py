@@ -552,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
             lambda: cluster.remove_node(victim, allow_graceful=False),
             args.pairs, args.messages, args.pace_ms / 1000, window=5))
         removed_at = traffic.pop("removedAt")
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive", n.get("alive"))}
+        # The removed node may still be listed alive until Ray notices: it is not, here.
+        alive = {n["NodeID"] for n in ray.nodes()
+                 if n.get("Alive", n.get("alive"))} - {victim.node_id}
         target = {"Gateway": 2, "stages": 2, "OutboxRelay": 1, "NotificationDispatcher": 1}
         healthy_at = None
         for _ in range(240):
