@@ -88,7 +88,8 @@ def default_registry() -> StageRegistry:
         need(p.local_delivery, "local_delivery", "deliver_local")))
     reg.register("apply_receipts", lambda o, p: ApplyReceipts(
         need(p.store, "store", "apply_receipts"),
-        p.hub if o.get("announce", True) else None, p.directory))
+        p.hub if o.get("announce", True) else None, p.directory,
+        float(o.get("announce_ms", 0)) / 1000))
     reg.register("debit_credits", lambda o, p: DebitCredits(
         need(p.credits, "credits", "debit_credits"), need(p.notices, "notices", "debit_credits"),
         int(o.get("low_water", 5)), p.outages))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -211,15 +212,23 @@ class ApplyReceipts:
     """Receiver ACKs: move each member's delivered/read pointer forward (cumulative), then
     tell the chat's other members where the pointers now stand (a ``system`` ``receipt``
     frame, best-effort like every hub delivery: a client that missed it reads the same
-    positions from ``GET /v1/chats``)."""
+    positions from ``GET /v1/chats``).
+
+    With ``announce_s`` > 0 the frames are coalesced: moves within that window are merged
+    per (chat, member), and one frame per member carries where the pointers stand at the
+    window's end (pointers never move back, so the newest position is the whole news).
+    """
 
     name = "apply_receipts"
 
     def __init__(self, store: MessageStore, hub: DeliveryHub | None = None,
-                 directory: Directory | None = None) -> None:
+                 directory: Directory | None = None, announce_s: float = 0.0) -> None:
         self.store = store
         self.hub = hub
         self.directory = directory
+        self.announce_s = announce_s
+        self._pending: dict[tuple[str, str], PointerMove] = {}
+        self._flush: asyncio.Task[None] | None = None
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         receipts: list[Receipt] = []
@@ -243,8 +252,30 @@ class ApplyReceipts:
         if receipts:
             moved = await self.store.apply_receipts(receipts)
             if moved and self.hub is not None and self.directory is not None:
-                await self._announce(moved)
+                await self._moved(moved)
         return out
+
+    async def _moved(self, moved: Sequence[PointerMove]) -> None:
+        if self.announce_s <= 0:
+            await self._announce(moved)
+            return
+        for m in moved:
+            key = (m.chat_id, m.user_id)
+            was = self._pending.get(key)
+            self._pending[key] = m if was is None else PointerMove(
+                m.chat_id, m.user_id, max(was.delivered_seq, m.delivered_seq),
+                max(was.read_seq, m.read_seq))
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.create_task(self._announce_later())
+
+    async def _announce_later(self) -> None:
+        await asyncio.sleep(self.announce_s)
+        moved, self._pending = list(self._pending.values()), {}
+        try:
+            await self._announce(moved)
+        except Exception:  # best-effort, as documented: GET /v1/chats has the positions
+            log.warning("receipt frames for %d pointer moves not announced", len(moved),
+                        exc_info=True)
 
     async def _announce(self, moved: Sequence[PointerMove]) -> None:
         assert self.hub is not None and self.directory is not None

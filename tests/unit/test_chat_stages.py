@@ -86,6 +86,35 @@ async def test_receipts_move_pointers_and_the_other_members_hear_where_they_stan
     assert hub.published == []
 
 
+async def test_receipt_frames_within_the_window_are_coalesced_per_member() -> None:
+    import asyncio
+
+    from stages.ports import PointerMove
+
+    moves = iter([[PointerMove("c1", "bob", 3, 0)], [PointerMove("c1", "bob", 5, 2)],
+                  [PointerMove("c1", "carol", 4, 4)]])
+
+    class Moving(FakeMessages):
+        async def apply_receipts(self, receipts: Sequence[Receipt]) -> list[PointerMove]:
+            return next(moves)
+
+    hub = FakeHub()
+    stage = ApplyReceipts(Moving(), hub, FakeDirectory({"c1": {"alice", "bob", "carol"}}),
+                          announce_s=0.05)
+    env = Envelope(type="receipt", id="", sender="bob", fields={"messageIds": ["m-1"]})
+    for _ in range(3):
+        await stage.process([env])
+    assert hub.published == []  # nothing before the window closes
+    await asyncio.sleep(0.15)
+    frames = {d.frame["data"]["userId"]: (d.users, d.frame["data"]) for d in hub.published}
+    assert frames == {
+        "bob": (["alice", "carol"],
+                {"chatId": "c1", "userId": "bob", "deliveredSeq": 5, "readSeq": 2}),
+        "carol": (["alice", "bob"],
+                  {"chatId": "c1", "userId": "carol", "deliveredSeq": 4, "readSeq": 4}),
+    }
+
+
 async def test_local_delivery_leaves_the_senders_replica_to_itself() -> None:
     from stages.chat import DeliverLocal
 
