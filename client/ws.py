@@ -10,6 +10,11 @@ to ``client.seqs.observe`` if catch-up should know about them).
 Seq tracking: every ``message``/``command`` frame, ``sync`` reply and ``ack`` this client
 hands to its caller is recorded in :attr:`WsClient.seqs`, so :meth:`WsClient.reconnect` can
 fetch exactly what was missed while away.
+
+Observing: :attr:`WsClient.on_frame`, when set, is called with ``("out", frame)`` for every
+frame this client sends and ``("in", frame)`` for every frame it reads from its socket (the
+``connected`` frame of each reconnect included), before anything else looks at it; frames
+read from ``client.ws`` directly are not seen.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from client.seqs import SeqTracker
 Frame = dict[str, Any]
 # A token, or a callable that mints a fresh one (called on every connect and reconnect).
 TokenSource = str | Callable[[], str]
+# Told of each frame sent ("out") or read ("in"); see the module's docstring.
+FrameObserver = Callable[[str, Frame], None]
 
 MAX_FRAME = 2**22
 SYNC_PAGE = 200
@@ -55,11 +62,12 @@ class WsClient:
         # Unique per sender across processes and reconnects: a random prefix and a counter.
         self._id_prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count(1)
+        self.on_frame: FrameObserver | None = None
         self._adopt(ws, hello)
 
     def _adopt(self, ws: ClientConnection, hello: Frame) -> None:
         self.ws = ws
-        self.hello = hello
+        self.hello = self._seen(hello)
         data = hello.get("data") or {}
         self.user_id: str = str(data.get("userId", ""))
         self.connection_id: str = str(data.get("connectionId", ""))
@@ -109,7 +117,20 @@ class WsClient:
 
     async def send(self, frame: Frame | str) -> None:
         """Send one frame as is (a dict is encoded as JSON; a string is sent verbatim)."""
-        await self.ws.send(frame if isinstance(frame, str) else orjson.dumps(frame).decode())
+        text = frame if isinstance(frame, str) else orjson.dumps(frame).decode()
+        if self.on_frame is not None:
+            try:
+                parsed = frame if isinstance(frame, dict) else orjson.loads(text)
+            except orjson.JSONDecodeError:
+                parsed = {"raw": text}
+            self.on_frame("out", parsed if isinstance(parsed, dict) else {"raw": text})
+        await self.ws.send(text)
+
+    def _seen(self, frame: Frame) -> Frame:
+        """``frame``, once the observer (if any) was told it arrived."""
+        if self.on_frame is not None:
+            self.on_frame("in", frame)
+        return frame
 
     async def _send_with_id(self, frame: Frame, client_id: str | None) -> str:
         cid = client_id or self.new_id()
@@ -160,9 +181,9 @@ class WsClient:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    f = orjson.loads(await self.ws.recv())
+                    f = self._seen(orjson.loads(await self.ws.recv()))
                     if pred(f):
-                        return f  # type: ignore[no-any-return]
+                        return f
                     self.inbox.append(f)
         except TimeoutError:
             raise ReplyTimeout(what, timeout) from None
@@ -217,7 +238,7 @@ class WsClient:
         try:
             async with asyncio.timeout(seconds):
                 while True:
-                    out.append(orjson.loads(await self.ws.recv()))
+                    out.append(self._seen(orjson.loads(await self.ws.recv())))
         except TimeoutError:
             pass
         for frame in out:
