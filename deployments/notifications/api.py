@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 
 from adapters.auth import AuthError, Principal
 from deployments.http import TokenVerifier, json_response
+from deployments.notifications.idempotency import valid_idempotency_key
 from deployments.notifications.texts import TEXTS, auth_problem, language, problem
 from settings import Settings
 from stages.model import Envelope, Verdict
@@ -81,7 +82,7 @@ class NotificationApi:
         key = request.headers.get("idempotency-key")
         if key is None:
             return (await self._accept(request, principal, raw, lang, None))[0]
-        if not 0 < len(key) <= 255 or not key.isprintable():
+        if not valid_idempotency_key(key):
             return problem(400, texts["key"], "invalid_idempotency_key", details=[])
         user = principal.user_id
         claim = await self.store.idempotency_begin(

@@ -26,7 +26,7 @@ TEXTS = {
         "content_type": "Требуется заголовок Content-Type: application/json",
         "conflict": "Ключ идемпотентности уже использован с другим телом запроса",
         "in_flight": "Запрос с этим ключом идемпотентности ещё обрабатывается",
-        "key": "Idempotency-Key должен содержать от 1 до 255 печатных символов",
+        "key": "Idempotency-Key должен содержать от 1 до 255 печатных символов ASCII",
         "not_found": "Уведомление не найдено",
         # authentication (AuthError.reason)
         "auth.missing": "Требуется JWT-токен в заголовке Authorization: Bearer <JWT>",
@@ -49,7 +49,7 @@ TEXTS = {
         "content_type": "Content-Type: application/json is required",
         "conflict": "The idempotency key was already used with a different request body",
         "in_flight": "A request with this idempotency key is still being processed",
-        "key": "Idempotency-Key must be 1..255 printable characters",
+        "key": "Idempotency-Key must be 1..255 printable ASCII characters",
         "not_found": "Notification not found",
         "auth.missing": "A JWT is required in the Authorization: Bearer <JWT> header",
         "auth.malformed": "The token is malformed",
