@@ -9,6 +9,7 @@
 3. ``Timeout`` — a request still running after ``timeout_s`` is cancelled and answered 504.
 4. ``BodyLimit`` — a body over ``max_bytes`` is answered 413 (by ``Content-Length`` up
    front; a chunked body is read up to the limit before the app runs).
+5. ``AllowHeader`` (``deployments.allow``) — a 405 lists every method of the resource.
 
 Error bodies under ``/v1/notifications`` follow that API's contract
 (``{"error": "HTTP 504 Gateway Timeout", "message": ...}``); elsewhere the protocol's
@@ -29,6 +30,8 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+
+from deployments.allow import AllowHeader
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -264,6 +267,7 @@ LONG_PATHS = ("/v1/uploads/",)
 def wrap(app: ASGIApp, *, timeout_s: float, max_body_bytes: int,
          exempt: tuple[str, ...] = LONG_PATHS, longer: Mapping[str, float] | None = None
          ) -> ASGIApp:
+    app = AllowHeader(app, getattr(app, "routes", ()))  # a Starlette app's routes
     guarded = Timeout(BodyLimit(app, max_body_bytes), timeout_s, longer)
     return AccessLog(ErrorHandler(Exempt(guarded, app, exempt) if exempt else guarded))
 
