@@ -1,23 +1,20 @@
-"""The OpenAPI 3.1 document of the notification API and Swagger UI served from local assets.
-
-No CDN: the Swagger UI files come from the ``swagger-ui-bundle`` package installed with
-Conveyor, so ``/api-docs`` works on machines without internet access.
-"""
+"""The notification API of seed 004 (``/v1/notifications``): its schemas, examples and
+responses, in the seed's own error shape (``Problem``)."""
 
 from __future__ import annotations
 
-import mimetypes
-from pathlib import Path
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
-from starlette.routing import BaseRoute, Route
-
-from deployments.http import json_response
-from stages.notifications import MAX_CONTACTS, MAX_ITEMS, MAX_MESSAGE_CHARS, STRATEGIES
-
-REF = "#/components/schemas/"
+from deployments.notifications.idempotency import IDEMPOTENCY_KEY_PATTERN
+from serve_app.openapi.common import REF, secured
+from stages.notifications import (
+    EMAIL_PATTERN,
+    MAX_CONTACTS,
+    MAX_EMAIL_CHARS,
+    MAX_ITEMS,
+    MAX_MESSAGE_CHARS,
+    STRATEGIES,
+)
 
 SINGLE_EXAMPLE = {
     "contacts": [{"type": "email", "value": "user@example.com"}],
@@ -110,15 +107,17 @@ def _problem(description: str, example: dict[str, Any]) -> dict[str, Any]:
         "schema": {"$ref": REF + "Problem"}, "example": example}}}
 
 
-def document(settings: Any = None) -> dict[str, Any]:
-    """The OpenAPI document; limits follow ``settings`` (defaults without)."""
+def schemas(settings: Any = None) -> dict[str, Any]:
+    """The notification API's schemas; limits follow ``settings`` (defaults without)."""
     max_contacts = getattr(settings, "notification_max_contacts", MAX_CONTACTS)
     max_message = getattr(settings, "notification_max_message_chars", MAX_MESSAGE_CHARS)
     contact_common = {"type": "object", "additionalProperties": False, "required": ["type", "value"]}
     schemas: dict[str, Any] = {
         "EmailContact": {**contact_common, "properties": {
             "type": {"const": "email"},
-            "value": {"type": "string", "format": "email", "examples": ["user@company.com"]}}},
+            "value": {"type": "string", "maxLength": MAX_EMAIL_CHARS, "pattern": EMAIL_PATTERN,
+                      "examples": ["user@company.com"],
+                      "description": "An e-mail address, exactly as the server checks it."}}},
         "BitrixContact": {**contact_common, "properties": {
             "type": {"const": "bitrix"},
             "value": {"type": "integer", "exclusiveMinimum": 0, "examples": [12345],
@@ -201,6 +200,30 @@ def document(settings: Any = None) -> dict[str, Any]:
                 "status": {"type": "string", "enum": ["pending", "delivered", "failed", "skipped"]},
                 "attempts": {"type": "array", "items": {"$ref": REF + "Attempt"}}}}}}}]},
     }
+    return schemas
+
+
+# The first item's status (a 207's first item may be the refused one: then it is 404).
+STATUS_LINK = {"status": {"operationId": "getNotification",
+                          "parameters": {"id": "$response.body#/details/0/notification/id"},
+                          "description": "Delivery state of the first notification."}}
+
+
+def server_problems() -> dict[str, Any]:
+    """500 and 504, in this API's shape."""
+    return {
+        "500": _problem("Internal error (a dependency failed, e.g. the database or the token "
+                        "issuer's keys, code `jwks_unavailable`).",
+                        {"error": "HTTP 500 Internal Server Error", "code": "internal",
+                         "message": "Внутренняя ошибка сервера"}),
+        "504": _problem("The request took too long (`request_timeout_s`).",
+                        {"error": "HTTP 504 Gateway Timeout", "code": "timeout",
+                         "message": "Превышено время обработки запроса"}),
+    }
+
+
+def paths() -> dict[str, Any]:
+    """``/v1/notifications`` and ``/v1/notifications/{id}``."""
     request_schema = {"oneOf": [
         {"$ref": REF + "IncomingNotification"},
         {"type": "array", "minItems": 1, "maxItems": MAX_ITEMS,
@@ -211,149 +234,66 @@ def document(settings: Any = None) -> dict[str, Any]:
                           {"error": "HTTP 401 Unauthorized", "message": "Срок действия токена истёк",
                            "code": "token_expired"})
     return {
-        "openapi": "3.1.0",
-        "info": {"title": "Conveyor notifications", "version": "1.0.0",
-                 "description": "Accepts notifications (one or 1..100) and delivers them by e-mail "
-                                "and Bitrix24. The API reports validation and acceptance, not "
-                                "delivery; `GET /v1/notifications/{id}` shows delivery."},
-        "servers": [{"url": "/"}],
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
-        },
-        "paths": {
-            "/v1/notifications": {"post": {
-                "operationId": "createNotifications",
-                "summary": "Accept one notification or an array of 1..100",
-                "security": [{"bearerAuth": []}],
-                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                                "schema": {"type": "string", "maxLength": 255},
-                                "description": "Per subject, 24 h: a repeat with the same body gets "
-                                               "the same response and sends nothing twice."}],
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": request_schema,
-                    "examples": {name: {"summary": summary, "value": value}
-                                 for name, (summary, value) in REQUEST_EXAMPLES.items()},
-                }}},
-                "responses": {
-                    "202": {"description": "Every notification is valid and accepted.",
-                            "content": {"application/json": {"schema": {"$ref": REF + "AcceptResult"},
-                                                             "examples": _examples("202")}}},
-                    "207": {"description": "Some notifications were accepted, some rejected.",
-                            "content": {"application/json": {"schema": {"$ref": REF + "AcceptResult"},
-                                                             "examples": _examples("207")}}},
-                    "400": {"description": "No notification passed validation (or the body is not "
-                                           "JSON, or the array is empty or longer than 100).",
-                            "content": {"application/json": {"schema": {"$ref": REF + "Problem"},
-                                                             "examples": _examples("400")}}},
-                    "401": auth_error,
-                    "403": _problem("The token lacks the required role.",
-                                    {"error": "HTTP 403 Forbidden", "code": "forbidden",
-                                     "message": "Требуется роль 'notifications:send'"}),
-                    "409": _problem("A request with this Idempotency-Key is still in flight.",
-                                    {"error": "HTTP 409 Conflict", "code": "idempotency_key_in_flight",
-                                     "message": "Запрос с этим ключом идемпотентности ещё обрабатывается"}),
-                    "413": _problem("The body is too large (`max_request_bytes`).",
-                                    {"error": "HTTP 413 Request Entity Too Large", "code": "too_large",
-                                     "message": "Тело запроса слишком велико"}),
-                    "422": _problem("The Idempotency-Key was used with another body.",
-                                    {"error": "HTTP 422 Unprocessable Content",
-                                     "code": "idempotency_key_reused",
-                                     "message": "Ключ идемпотентности уже использован с другим "
-                                                "телом запроса"}),
-                    "500": _problem("Internal error (a dependency failed, e.g. the database or "
-                                    "the token issuer's keys, code `jwks_unavailable`).",
-                                    {"error": "HTTP 500 Internal Server Error", "code": "internal",
-                                     "message": "Внутренняя ошибка сервера"}),
-                    "504": _problem("The request took too long (`request_timeout_s`).",
-                                    {"error": "HTTP 504 Gateway Timeout", "code": "timeout",
-                                     "message": "Превышено время обработки запроса"}),
-                },
-            }},
-            "/v1/notifications/{id}": {"get": {
-                "operationId": "getNotification",
-                "summary": "State and attempts per channel (only for the subject that created it)",
-                "security": [{"bearerAuth": []}],
-                "parameters": [{"name": "id", "in": "path", "required": True,
-                                "schema": {"type": "string", "format": "uuid"}}],
-                "responses": {
-                    "200": {"description": "The notification.", "content": {"application/json": {
-                        "schema": {"$ref": REF + "NotificationStatus"}}}},
-                    "401": auth_error,
-                    "404": _problem("No such notification for this subject.",
-                                    {"error": "HTTP 404 Not Found", "message": "Уведомление не найдено"}),
-                },
-            }},
-            "/health/live": {"get": {"summary": "Liveness", "responses": {"200": {"description": "Up."}}}},
-            "/health/ready": {"get": {"summary": "Readiness of every dependency", "responses": {
-                "200": {"description": "Ready."}, "503": {"description": "A dependency is down."}}}},
-        },
+        "/v1/notifications": {"post": {
+            "operationId": "createNotifications",
+            "summary": "Accept one notification or an array of 1..100",
+            "security": secured(),
+            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                            "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
+                            "description": "Per subject, 24 h: a repeat with the same body gets "
+                                           "the same response and sends nothing twice. 1..255 "
+                                           "printable ASCII characters, neither first nor last "
+                                           "a space (HTTP strips those)."}],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": request_schema,
+                "examples": {name: {"summary": summary, "value": value}
+                             for name, (summary, value) in REQUEST_EXAMPLES.items()},
+            }}},
+            "responses": {
+                "202": {"description": "Every notification is valid and accepted.",
+                        "content": {"application/json": {"schema": {"$ref": REF + "AcceptResult"},
+                                                         "examples": _examples("202")}},
+                        "links": STATUS_LINK},
+                "207": {"description": "Some notifications were accepted, some rejected.",
+                        "content": {"application/json": {"schema": {"$ref": REF + "AcceptResult"},
+                                                         "examples": _examples("207")}},
+                        "links": STATUS_LINK},
+                "400": {"description": "No notification passed validation (or the body is not "
+                                       "JSON, or the array is empty or longer than 100).",
+                        "content": {"application/json": {"schema": {"$ref": REF + "Problem"},
+                                                         "examples": _examples("400")}}},
+                "401": auth_error,
+                "403": _problem("The token lacks the required role.",
+                                {"error": "HTTP 403 Forbidden", "code": "forbidden",
+                                 "message": "Требуется роль 'notifications:send'"}),
+                "409": _problem("A request with this Idempotency-Key is still in flight.",
+                                {"error": "HTTP 409 Conflict", "code": "idempotency_key_in_flight",
+                                 "message": "Запрос с этим ключом идемпотентности ещё обрабатывается"}),
+                "413": _problem("The body is too large (`max_request_bytes`).",
+                                {"error": "HTTP 413 Request Entity Too Large", "code": "too_large",
+                                 "message": "Тело запроса слишком велико"}),
+                "422": _problem("The Idempotency-Key was used with another body.",
+                                {"error": "HTTP 422 Unprocessable Content",
+                                 "code": "idempotency_key_reused",
+                                 "message": "Ключ идемпотентности уже использован с другим "
+                                            "телом запроса"}),
+                **server_problems(),
+            },
+        }},
+        "/v1/notifications/{id}": {"get": {
+            "operationId": "getNotification",
+            "summary": "State and attempts per channel (only for the subject that created it)",
+            "security": secured(),
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string", "format": "uuid"}}],
+            "responses": {
+                "200": {"description": "The notification.", "content": {"application/json": {
+                    "schema": {"$ref": REF + "NotificationStatus"}}}},
+                "401": auth_error,
+                "404": _problem("No such notification for this subject.",
+                                {"error": "HTTP 404 Not Found", "message": "Уведомление не найдено",
+                                 "code": "not_found"}),
+                **server_problems(),
+            },
+        }},
     }
-
-
-def swagger_assets() -> Path:
-    from swagger_ui_bundle import swagger_ui_path
-
-    return Path(str(swagger_ui_path))
-
-
-PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-  <meta charset="UTF-8">
-  <title>Conveyor notifications API</title>
-  <link rel="stylesheet" type="text/css" href="/api-docs/swagger-ui.css">
-  <link rel="icon" type="image/png" href="/api-docs/favicon-32x32.png" sizes="32x32">
-</head>
-<body>
-  <div id="swagger-ui"></div>
-  <script src="/api-docs/swagger-ui-bundle.js"></script>
-  <script src="/api-docs/swagger-ui-standalone-preset.js"></script>
-  <script src="/api-docs/init.js"></script>
-</body>
-</html>
-"""
-INIT_JS = """window.onload = function () {
-  window.ui = SwaggerUIBundle({
-    url: "/openapi.json",
-    dom_id: "#swagger-ui",
-    deepLinking: true,
-    validatorUrl: null,
-    presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
-    layout: "StandaloneLayout"
-  });
-};
-"""
-ASSETS = {"swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js",
-          "favicon-32x32.png", "favicon-16x16.png"}
-
-
-
-
-async def docs_page(request: Request) -> Response:
-    return HTMLResponse(PAGE)
-
-
-async def docs_asset(request: Request) -> Response:
-    name = request.path_params["name"]
-    if name == "init.js":
-        return Response(INIT_JS, media_type="text/javascript")
-    if name not in ASSETS:
-        return json_response({"error": {"code": "not_found", "message": "no such asset"}}, 404)
-    path = swagger_assets() / name
-    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return Response(path.read_bytes(), media_type=media,
-                    headers={"Cache-Control": "public, max-age=86400"})
-
-
-def docs_routes(settings: Any = None) -> list[BaseRoute]:
-    doc = document(settings)
-
-    async def openapi_json(request: Request) -> Response:
-        return json_response(doc)
-
-    return [
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        Route("/api-docs", docs_page, methods=["GET"]),
-        Route("/api-docs/{name}", docs_asset, methods=["GET"]),
-    ]
