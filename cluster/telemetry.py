@@ -66,6 +66,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "conveyor_deliveries_unreceipted": ("gauge", "Messages sent to sockets, not yet receipted."),
     "conveyor_redeliveries_total": ("counter", "Redeliveries after missing receipts."),
     "conveyor_connections": ("gauge", "Open WebSocket connections, by gateway replica."),
+    "conveyor_connections_refused_total": ("counter", "WebSocket connections refused by a "
+                                           "per-user cap, by close code."),
+    "conveyor_slow_consumers_total": ("counter", "Connections closed as slow consumers (4408)."),
     "conveyor_users_online": ("gauge", "Users with at least one live connection."),
     "conveyor_hub_mailbox_depth": ("gauge", "Frames waiting in the hub for gateways to pull."),
     "conveyor_deliveries_pending": ("gauge", "Messages stored and not yet receipted, summed over "

@@ -114,7 +114,22 @@ class Settings(BaseSettings):
     inbound_buffer: int = Field(default=2048, description=(
         "Bounded inbound buffer per gateway replica and message type."))
     connection_queue: int = Field(default=1024, description=(
-        "Outbound frames queued per connection before live delivery falls back to catch-up."))
+        "Outbound frames queued per connection before live delivery falls back to catch-up; "
+        "a frame outside a chat's seq stream (ack, signal, system...) finding it full closes "
+        "the connection as a slow consumer (close code 4408)."))
+    connection_unreceipted_max: int = Field(default=1024, ge=1, description=(
+        "Messages and command events written to one connection and not receipted yet; "
+        "beyond it the connection's chats wait in the store and are written as receipts "
+        "come (no memory is spent on a client that does not read)."))
+    slow_consumer_s: float = Field(default=30.0, gt=0, description=(
+        "A connection at its `connection_unreceipted_max` that sends no receipt for this "
+        "long is closed as a slow consumer (`system` `slow_consumer`, close code 4408)."))
+    max_connections_per_user: int = Field(default=32, ge=1, description=(
+        "Open WebSocket connections one user may hold on one gateway replica (more: close "
+        "code 4409)."))
+    connection_attempts_per_minute: int = Field(default=120, ge=1, description=(
+        "WebSocket connection attempts per user and minute on one gateway replica, with a "
+        "burst of as many (more: close code 4429)."))
     redelivery_base_s: float = Field(default=2.0, description=(
         "First redelivery after this long without a receipt; doubles each time."))
     redelivery_max_s: float = 60.0

@@ -10,6 +10,14 @@ Delivery rules per (connection, chat):
   told it the seq. It counts as received there, so the pointer moves past it.
 - If receipts stall (upto > receipted) for longer than the backoff, everything after
   ``receipted`` is sent again (same message ids) and the backoff doubles.
+
+Slow consumers. Behind Serve's proxy a socket write never waits for the client (the
+frame is handed to the proxy at once), so how far a client has read is known only from
+its receipts. A connection holds at most ``unreceipted_max`` written and not receipted
+messages; past that its chats wait in the store (``held``) and are written as receipts
+come. A connection at that limit without a receipt for ``slow_consumer_s``, or one whose
+outbound queue overflows with a frame that cannot be read back from the store (ack,
+signal, system...), gets a ``system`` ``slow_consumer`` frame and is closed with 4408.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Any
 import orjson
 from starlette.websockets import WebSocket
 
+from deployments.gateway.close_codes import SLOW_CONSUMER, reason
 from stages.ports import ChatStore, MessageStore
 
 log = logging.getLogger("conveyor.gateway")
@@ -70,6 +79,9 @@ class Connection:
         on_write: Callable[[str], None] | None = None,
         on_drop: Callable[[str, str], None] | None = None,
         on_hop: Callable[[str, float], None] | None = None,
+        unreceipted_max: int = 1024,
+        slow_consumer_s: float = 30.0,
+        on_slow: Callable[[str], None] | None = None,
     ) -> None:
         self.on_hop = on_hop  # ("deliver", seconds from commit to this socket)
         self.on_write = on_write
@@ -93,6 +105,16 @@ class Connection:
         # frame: the client hears once per episode, not once per frame that waits.
         self.overloaded: set[str] = set()
         self._writer: asyncio.Task[None] | None = None
+        # Slow consumers (module docstring): messages written and not receipted, chats
+        # held back at the limit, and when a receipt last moved anything.
+        self.unreceipted_max = unreceipted_max
+        self.slow_consumer_s = slow_consumer_s
+        self.on_slow = on_slow  # (reason): this connection is being closed as too slow
+        self.in_flight = 0
+        self.held: set[str] = set()
+        self.receipt_at = time.monotonic()
+        self.slow: str | None = None  # why it was closed as a slow consumer
+        self._closer: asyncio.Task[None] | None = None
 
     # --- called by the gateway --------------------------------------------------------
     def start(self) -> None:
@@ -104,18 +126,45 @@ class Connection:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer
+        if self._closer is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._closer
 
     def send(self, frame: dict[str, Any]) -> None:
-        """Queue a frame that needs no ordering (ack, system, error, signal...)."""
+        """Queue a frame that needs no ordering (ack, system, error, signal...). A full
+        queue means the client is not keeping up: it is closed as a slow consumer."""
         if self.closed:
             return
         try:
             self.queue.put_nowait(("frame", frame))
         except asyncio.QueueFull:
-            log.warning("connection %s: outbound queue full, %s frame dropped",
-                        self.id, frame.get("type"))
             if self.on_drop is not None:
                 self.on_drop(str(frame.get("type")), "queue_full")
+            self.too_slow(f"outbound queue full ({self.queue.maxsize} frames)")
+
+    def too_slow(self, why: str) -> None:
+        """Close this connection as a slow consumer: nothing more is queued or written
+        but a ``system`` ``slow_consumer`` frame and the close (code 4408)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.slow = why
+        log.warning("connection %s of %s: slow consumer, closing: %s", self.id, self.user_id, why)
+        if self.on_slow is not None:
+            self.on_slow(why)
+        if self._writer is not None:
+            self._writer.cancel()
+        self._closer = asyncio.get_running_loop().create_task(self._close_slow(why))
+
+    async def _close_slow(self, why: str) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+        with contextlib.suppress(Exception):
+            await self.ws.send_text(orjson.dumps(
+                {"type": "system", "event": "slow_consumer",
+                 "data": {"reason": why, "unreceipted": self.in_flight}}).decode())
+            await self.ws.close(code=SLOW_CONSUMER, reason=reason(f"slow consumer: {why}"))
 
     def overload_started(self, type_name: str) -> bool:
         """The inbound buffer of ``type_name`` is full for a frame of this socket. True
@@ -182,9 +231,23 @@ class Connection:
             best = max((seq for seq, _ in hits), default=None)
             if best is not None and best > st.receipted:
                 self._advance(st, best)
+                self.receipt_at = time.monotonic()
+        if self.held and self.in_flight < self.unreceipted_max:
+            for chat_id in list(self.held):
+                self.held.discard(chat_id)
+                self.catch_up(chat_id)
         return latencies
 
     def due_redelivery(self, now: float, base_s: float, max_s: float) -> list[str]:
+        """Chats to write again from their receipted point (their backoff ran out). A
+        connection at its limit that has not receipted for ``slow_consumer_s`` is closed
+        instead: writing again to a client that does not read only fills memory."""
+        if self.closed:
+            return []
+        if self._stalled(now):
+            self.too_slow(f"{self.in_flight} messages not receipted for "
+                          f"{now - self.receipt_at:.0f} s")
+            return []
         due = []
         for chat_id, st in self.chats.items():
             if st.upto > st.receipted:
@@ -193,18 +256,39 @@ class Connection:
                     st.attempts += 1
                     st.progress_at = now
                     st.upto = st.receipted
+                    self.in_flight -= len(st.sent)
                     st.sent.clear()
                     self.redelivered += 1
                     due.append(chat_id)
+        if due and self.held:  # room again: held chats are read back too
+            due.extend(c for c in self.held if c not in due)
+            self.held.clear()
         return due
 
     # --- internals --------------------------------------------------------------------
+    def _stalled(self, now: float) -> bool:
+        """At the unreceipted limit, with no receipt for ``slow_consumer_s``."""
+        return (self.in_flight >= self.unreceipted_max
+                and now - self.receipt_at >= self.slow_consumer_s)
+
+    def _room(self, chat_id: str) -> bool:
+        """Whether one more message may be written now; if not, the chat is held until
+        receipts make room (or the connection is closed as a slow consumer)."""
+        if self.in_flight < self.unreceipted_max:
+            return True
+        self.held.add(chat_id)
+        if self._stalled(time.monotonic()):
+            self.too_slow(f"{self.in_flight} messages not receipted for "
+                          f"{time.monotonic() - self.receipt_at:.0f} s")
+        return False
+
     def _advance(self, st: ChatState, seq: int) -> None:
         st.receipted = seq
         st.attempts = 0
         st.progress_at = time.monotonic()
         for m in [m for m, (s, _) in st.sent.items() if s <= seq]:
             del st.sent[m]
+            self.in_flight -= 1
         # Own messages right after the receipted point count as received too.
         while st.receipted + 1 in st.own and st.receipted + 1 <= st.upto:
             st.receipted += 1
@@ -234,6 +318,8 @@ class Connection:
             st.progress_at = time.monotonic()
         await self._write(frame)
         st.upto = frame["seq"]
+        if event_id(frame) not in st.sent:
+            self.in_flight += 1
         st.sent[event_id(frame)] = (frame["seq"], _epoch(frame.get("createdAt")))
         self.unread[event_id(frame)] = st.sent[event_id(frame)][1]
         if len(self.unread) > UNREAD_TRACKED:
@@ -257,6 +343,8 @@ class Connection:
             else:
                 st.own[seq] = event_id(frame)
             return
+        if not self._room(chat_id):
+            return
         await self._write_message(st, frame)
         if self.on_hop is not None:
             self.on_hop("deliver", time.time() - st.sent[event_id(frame)][1])
@@ -267,6 +355,8 @@ class Connection:
             page = await self.messages.messages_after(chat_id, st.upto, CATCH_UP_PAGE)
             for m in page:
                 if m.seq == st.upto + 1:
+                    if not self._room(chat_id):
+                        return
                     await self._write_message(st, m.frame())
             if len(page) < CATCH_UP_PAGE:
                 return

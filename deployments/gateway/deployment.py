@@ -25,12 +25,14 @@ from adapters.auth import AuthError, Principal
 from cluster.telemetry import MetricsAnalytics, MetricsOutages, MetricsPusher, Recorder
 from deployments.gateway.attachments_api import AttachmentsApi
 from deployments.gateway.chats_api import ChatsApi
+from deployments.gateway.close_codes import BAD_TOKEN, SERVER_ERROR, reason
 from deployments.gateway.connection import Connection
 from deployments.gateway.drain import watch_drain
 from deployments.gateway.frames import LOCAL_TYPES, FrameError, check_client_id, frame_id, read_frame
 from deployments.gateway.health_api import HealthApi
 from deployments.gateway.hub_link import HubLink
 from deployments.gateway.intake import Intake, SessionAcks, SessionNotices
+from deployments.gateway.limits import ConnectionLimits
 from deployments.gateway.metrics_api import MetricsApi
 from deployments.gateway.sessions import Sessions
 from deployments.gateway.uploads_api import UploadsApi
@@ -42,6 +44,12 @@ from deployments.services import Check, SoftCheck, Wiring
 from stages.notifications import DispatchKick
 
 log = logging.getLogger("conveyor.gateway")
+MAX_SEQ = 2**63 - 1  # PostgreSQL bigint: a larger afterSeq cannot name a stored seq
+
+
+def _integer(value: Any) -> bool:
+    """A JSON integer (``True`` is an ``int`` to Python, not to the protocol)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def replica_id() -> str:
@@ -67,6 +75,7 @@ class Gateway:
         recorder = self.metrics.recorder
         outages = MetricsOutages(recorder)
         self.sessions = Sessions()
+        self.limits = ConnectionLimits(s.max_connections_per_user, s.connection_attempts_per_minute)
         self.handles = handles
         notices = await wiring.open_notifications(notifier)
         ports = svc.ports.with_(
@@ -157,7 +166,15 @@ class Gateway:
             await ws.accept()
             # 4401: the client's token is bad. 1011: the server could not check it (the
             # issuer's keys are unreachable); the client should retry, not re-authenticate.
-            await ws.close(code=1011 if exc.status >= 500 else 4401, reason=exc.message[:120])
+            await ws.close(code=SERVER_ERROR if exc.status >= 500 else BAD_TOKEN,
+                           reason=reason(exc.message))
+            return
+        refusal = self.limits.admit(principal.user_id,
+                                    sum(1 for _ in self.sessions.of_user(principal.user_id)))
+        if refusal is not None:
+            self.metrics.recorder.inc("conveyor_connections_refused_total", code=str(refusal.code))
+            await ws.accept()
+            await ws.close(code=refusal.code, reason=reason(refusal.reason))
             return
         await ws.accept()
         conn = Connection(
@@ -167,6 +184,9 @@ class Gateway:
             on_write=self._counted_write,
             on_drop=lambda frame_type, reason: self.intake.count_drop(frame_type, "socket", reason),
             on_hop=self.intake.hop,
+            unreceipted_max=self.settings.connection_unreceipted_max,
+            slow_consumer_s=self.settings.slow_consumer_s,
+            on_slow=lambda why: self.metrics.recorder.inc("conveyor_slow_consumers_total"),
         )
         # ``connected`` is queued first, before the connection can be found by deliveries,
         # so it is always the first frame a client reads (PROTOCOL.md).
@@ -195,6 +215,12 @@ class Gateway:
                 await self._on_frame(conn, read_frame(message, self.settings.max_frame_bytes))
             except FrameError as exc:
                 conn.send(exc.frame())
+            except Exception:
+                # A fault of ours (a store unreachable during a sync...): the frame is
+                # answered and the socket stays usable.
+                log.exception("frame of %s failed", conn.user_id)
+                conn.send({"type": "error", "code": "internal",
+                           "message": "the server failed to handle this frame"})
 
     async def _on_frame(self, conn: Connection, frame: dict[str, Any]) -> None:
         ftype: str = frame["type"]
@@ -214,9 +240,10 @@ class Gateway:
         chat_id = frame.get("chatId")
         after = frame.get("afterSeq", 0)
         limit = frame.get("limit", 50)
-        if not isinstance(chat_id, str) or not isinstance(after, int) or not isinstance(limit, int):
-            raise FrameError("invalid", "sync needs chatId (string), afterSeq and limit (integers)",
-                             frame.get("id"))
+        if (not isinstance(chat_id, str) or not _integer(after) or not _integer(limit)
+                or not 0 <= after <= MAX_SEQ):
+            raise FrameError("invalid", "sync needs chatId (string), afterSeq (0.."
+                             f"{MAX_SEQ}) and limit (integers)", frame.get("id"))
         try:
             messages, has_more = await self.chats_api.history(conn.user_id, chat_id, after, limit)
         except ApiError as exc:

@@ -10,6 +10,10 @@ import orjson
 # Frames the gateway answers itself; everything else must have a pipeline.
 LOCAL_TYPES = frozenset({"ping", "sync"})
 MAX_CLIENT_ID = 64
+# U+0000 as JSON writes it (the only way into a parsed string: raw control characters
+# are not valid JSON).
+_NUL_ESCAPE_TEXT = "\\u0000"
+_NUL_ESCAPE = _NUL_ESCAPE_TEXT.encode()
 
 
 class FrameError(Exception):
@@ -47,7 +51,31 @@ def read_frame(message: dict[str, Any], max_bytes: int) -> dict[str, Any]:
         raise FrameError("bad_frame", "frame is not valid JSON") from None
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         raise FrameError("bad_frame", "frame must be a JSON object with a string 'type'")
+    # PostgreSQL text cannot hold U+0000: a durable batch carrying one would fail at
+    # every retry and wedge its type's pipeline. The walk runs only when the text has the
+    # escape.
+    escaped = _NUL_ESCAPE in data if isinstance(data, bytes) else _NUL_ESCAPE_TEXT in data
+    if escaped and _has_nul(frame):
+        raise FrameError("invalid", "strings must not contain U+0000", frame_id(frame))
     return frame
+
+
+
+def _has_nul(value: Any) -> bool:
+    """Whether any string in ``value`` (keys included) contains U+0000. Iterative: a
+    frame's nesting is bounded by the parser, but recursion here need not be."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def frame_id(frame: dict[str, Any]) -> str | None:
