@@ -21,14 +21,17 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> list[str]:
-    """Every method of the routes whose path matches the request's, sorted."""
-    methods: set[str] = set()
+    """Every method of the routes whose path matches the request's, sorted. A path some
+    route names literally (``/app/dev-token``) is that resource alone: the methods of a
+    templated route that also matches it (``/app/{name:path}``) are not its methods."""
+    literal: set[str] = set()
+    templated: set[str] = set()
     for route in routes:
         if isinstance(route, Route) and route.methods:
             match, _ = route.matches(scope)
             if match is not Match.NONE:
-                methods |= route.methods
-    return sorted(methods)
+                (templated if route.param_convertors else literal).update(route.methods)
+    return sorted(literal or templated)
 
 
 class AllowHeader:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 import orjson
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from adapters.auth import AuthError, Principal, bearer_token
@@ -26,6 +27,26 @@ class ApiError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
+
+
+def storable(text: str) -> bool:
+    """Whether PostgreSQL can store ``text``: every character but NUL. Input that cannot
+    be stored is refused (400, or 404 for an id) instead of failing in the database."""
+    return "\x00" not in text
+
+
+def query_int(request: Request, name: str, default: int) -> int:
+    """A query parameter that must be a decimal integer (Python's ``int()`` would also take
+    ``" 1"``, ``"1_0"`` or other scripts' digits): ``ApiError`` 400 otherwise."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not _INTEGER.fullmatch(raw):
+        raise ApiError(400, "invalid", f"{name} must be an integer")
+    return int(raw)
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

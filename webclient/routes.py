@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -98,6 +99,8 @@ def web_routes(*, dev_token: Callable[[str], str] | None, oidc: dict[str, str] |
 
     async def asset(request: Request) -> Response:
         name = request.path_params.get("name") or "index.html"
+        if name == "dev-token":  # a resource of its own (POST), not a file: 405, not 404
+            raise HTTPException(405)
         path = assets.get(name)
         if path is None:
             return _error(404, "not_found", "no such file")

@@ -13,10 +13,11 @@ from starlette.routing import BaseRoute, Route
 
 from adapters.auth import Principal
 from deployments.gateway.intake import rfc3339
-from deployments.http import ApiError, error_response, json_response
+from deployments.http import ApiError, error_response, json_response, query_int, storable
 from stages.ports import ChatStore, ConnectionRegistry, MessageStore
 
 Guard = Callable[[Request], Awaitable[Principal]]
+MAX_SEQ = 2**63 - 1  # seq is a PostgreSQL bigint
 
 
 class ChatsApi:
@@ -38,8 +39,10 @@ class ChatsApi:
     async def history(self, user_id: str, chat_id: str, after: int, limit: int
                       ) -> tuple[list[dict[str, Any]], bool]:
         """A member's page of a chat: frames with seq > ``after``, and whether more follow."""
-        if after < 0 or not 1 <= limit <= 500:
+        if not 0 <= after <= MAX_SEQ or not 1 <= limit <= 500:
             raise ApiError(400, "invalid", "afterSeq must be >= 0 and limit 1..500")
+        if not storable(chat_id):
+            raise ApiError(404, "not_found", "no such chat")
         members = await self.chats.members([chat_id])
         if chat_id not in members:
             raise ApiError(404, "not_found", "no such chat")
@@ -58,9 +61,11 @@ class ChatsApi:
             members = body.get("members") if isinstance(body, dict) else None
             title = body.get("title") if isinstance(body, dict) else None
             if (not isinstance(members, list) or not 1 <= len(members) <= 1000
-                    or not all(isinstance(m, str) and 0 < len(m) <= 128 for m in members)):
+                    or not all(isinstance(m, str) and 0 < len(m) <= 128 and storable(m)
+                               for m in members)):
                 raise ApiError(400, "invalid", "'members' must be a list of 1..1000 user ids")
-            if title is not None and (not isinstance(title, str) or len(title) > 200):
+            if title is not None and (not isinstance(title, str) or len(title) > 200
+                                      or not storable(title)):
                 raise ApiError(400, "invalid", "'title' must be a string of at most 200 characters")
             chat_id = await self.chats.create_chat(principal.user_id, members, title)
             everyone = sorted({principal.user_id, *members})
@@ -78,11 +83,8 @@ class ChatsApi:
     async def chat_messages(self, request: Request) -> Response:
         try:
             principal = await self.guard(request)
-            try:
-                after = int(request.query_params.get("afterSeq", "0"))
-                limit = int(request.query_params.get("limit", "50"))
-            except ValueError:
-                raise ApiError(400, "invalid", "afterSeq and limit must be integers") from None
+            after = query_int(request, "afterSeq", 0)
+            limit = query_int(request, "limit", 50)
             messages, has_more = await self.history(
                 principal.user_id, request.path_params["chat_id"], after, limit)
             return json_response({"messages": messages, "hasMore": has_more})

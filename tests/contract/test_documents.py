@@ -32,6 +32,7 @@ from starlette.routing import Route, WebSocketRoute
 from deployments.gateway import Gateway
 from deployments.gateway.attachments_api import AttachmentsApi
 from deployments.gateway.chats_api import ChatsApi
+from deployments.http import ApiError, query_int, storable
 from deployments.middleware import EXCEPTION_HANDLERS, wrap
 from deployments.notifications.api import NotificationApi
 from deployments.notifications.idempotency import valid_idempotency_key
@@ -188,12 +189,14 @@ async def _ok(request: Request) -> Response:
 
 
 def split_app() -> Any:
-    """One route per method on each path, as the gateway declares them."""
+    """One route per method on each path, as the gateway declares them, and the web
+    client's literal route beside its catch-all."""
     return wrap(Starlette(routes=[
         Route("/v1/chats", _ok, methods=["POST"]), Route("/v1/chats", _ok, methods=["GET"]),
         Route("/v1/notifications", _ok, methods=["POST"]),
         Route("/v1/uploads/{key:path}", _ok, methods=["PUT"]),
         Route("/v1/uploads/{key:path}", _ok, methods=["GET"]),
+        *web_client_routes(Settings(), object()),  # type: ignore[arg-type]
     ], exception_handlers=EXCEPTION_HANDLERS), timeout_s=5, max_body_bytes=1000)
 
 
@@ -201,6 +204,12 @@ def split_app() -> Any:
     ("DELETE", "/v1/chats", "GET, HEAD, POST",
      {"error": {"code": "method_not_allowed", "message": "Method Not Allowed"}}),
     ("PATCH", "/v1/uploads/a/b", "GET, HEAD, PUT",
+     {"error": {"code": "method_not_allowed", "message": "Method Not Allowed"}}),
+    ("OPTIONS", "/app/dev-token", "POST",
+     {"error": {"code": "method_not_allowed", "message": "Method Not Allowed"}}),
+    ("GET", "/app/dev-token", "POST",  # not one of the client's files
+     {"error": {"code": "method_not_allowed", "message": "Method Not Allowed"}}),
+    ("PUT", "/app/app.js", "GET, HEAD",
      {"error": {"code": "method_not_allowed", "message": "Method Not Allowed"}}),
     ("GET", "/v1/notifications", "POST",
      {"error": "HTTP 405 Method Not Allowed", "message": "Метод не поддерживается",
@@ -288,3 +297,25 @@ def test_every_frame_type_of_the_protocol_has_a_message_and_its_example_fits() -
                for op in doc["operations"].values()}
     assert {n for n, a in actions.items() if a == "receive"} == set(CLIENT_TO_SERVER)
     assert len(actions) == len(components["messages"])
+
+
+# --- input PostgreSQL cannot take, integers Python's int() is too lenient about -------------
+@pytest.mark.parametrize("raw", ["1_0", " 1", "+1", "\u0663", "1.0", "", "9" * 21])
+def test_query_integers_are_plain_decimal(raw: str) -> None:
+    scope = {"type": "http", "query_string": f"limit={raw}".encode(), "headers": []}
+    with pytest.raises(ApiError) as refused:
+        query_int(Request(scope), "limit", 50)
+    assert (refused.value.status, refused.value.code) == (400, "invalid")
+
+
+def test_query_integers_parse_and_default() -> None:
+    def request(query: bytes) -> Request:
+        return Request({"type": "http", "query_string": query, "headers": []})
+
+    assert query_int(request(b"limit=-3"), "limit", 50) == -3
+    assert query_int(request(b""), "limit", 50) == 50
+
+
+def test_nul_is_the_one_character_postgresql_cannot_store() -> None:
+    assert storable("any text: ünïcødé, emoji 👍, \x01 controls")
+    assert not storable("a\x00b")
