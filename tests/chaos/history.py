@@ -34,7 +34,10 @@ The rules, from ``PROTOCOL.md`` ("Guarantees") and the README's extensions:
    pointers are at least the highest ever announced, and at most the chat's last seq.
 6. *Attachments settle.* Every attachment whose upload was completed ends ``ready`` or
    refused with a typed code (:data:`ATTACHMENT_REFUSALS`), never left claimed
-   (``verifying``) or pending; ``attachment_rejected`` frames carry one of those codes.
+   (``verifying``) or pending; ``attachment_rejected`` frames carry one of those codes. A
+   ready one is in its chat as exactly one message, delivered to every other member; a
+   refused one is not in the chat. An attachment message in a chat must be of an
+   ``attachment`` frame acked to its sender in that chat (the rule-4 check of attachments).
 """
 
 from __future__ import annotations
@@ -149,6 +152,7 @@ class Delivery:
     sender: str
     tag: str | None
     live: bool  # a message frame (False: an item of a sync reply)
+    attachment_id: str | None = None  # an attachment message's attachment
 
 
 @dataclass
@@ -209,7 +213,29 @@ def _deliveries(h: History) -> Iterator[Delivery]:
         for m in items:
             yield Delivery(e.user, e.conn, str(m.get("chatId", f.get("chatId"))),
                            str(m.get("messageId")), int(m.get("seq", -1)), str(m.get("senderId")),
-                           tag_of(m.get("body")), live)
+                           tag_of(m.get("body")), live, attachment_of(m))
+
+
+def attachment_of(m: Frame) -> str | None:
+    """The attachment id of an attachment message (None for a text message)."""
+    if m.get("kind") != "attachment":
+        return None
+    return str((m.get("attachment") or {}).get("attachmentId"))
+
+
+def _announced(h: History) -> dict[str, tuple[str, str]]:
+    """Attachment id -> (uploader, chat) for every ``attachment`` frame acked accepted or
+    duplicate."""
+    frames = {(e.user, e.frame.get("id")): str(e.frame.get("chatId")) for e in h.events
+              if e.direction == "out" and e.frame.get("type") == "attachment"}
+    out: dict[str, tuple[str, str]] = {}
+    for e in h.events:
+        f = e.frame
+        chat = frames.get((e.user, f.get("id")))
+        if (e.direction == "in" and f.get("type") == "ack" and chat is not None
+                and f.get("status") in ACKED and f.get("attachmentId")):
+            out[str(f["attachmentId"])] = (e.user, chat)
+    return out
 
 
 def _stored_messages(h: History) -> Iterator[tuple[str, Frame]]:
@@ -227,14 +253,14 @@ def check(h: History) -> Verdict:
     by_tag: dict[tuple[str, str], list[Frame]] = defaultdict(list)  # (sender, client id) -> rows
     for _, m in _stored_messages(h):
         tag = tag_of(m.get("body"))
-        if tag is not None:
+        if tag is not None and attachment_of(m) is None:
             by_tag[(str(m.get("senderId")), tag)].append(m)
     _rule_acked_stored_once(h, sends, by_tag, v)
     lost = _rule_acked_delivered(h, sends, by_tag, deliveries, v)
     _rule_seq(h, sends, deliveries, v)
     _rule_nothing_unacked(h, sends, deliveries, v)
     _rule_receipts(h, v)
-    _rule_attachments(h, v)
+    _rule_attachments(h, deliveries, v)
 
     v.offered = len(sends)
     stored_tags = set(by_tag)
@@ -242,7 +268,7 @@ def check(h: History) -> Verdict:
     v.accepted = len(accepted)
     v.refused = sum(1 for s in sends.values() if s.refused)
     v.unsettled = sum(1 for k, s in sends.items() if k not in accepted and not s.refused)
-    v.lost = len(lost | {k for k, s in sends.items() if s.acked and k not in stored_tags})
+    v.lost += len(lost | {k for k, s in sends.items() if s.acked and k not in stored_tags})
     v.delivered = v.accepted - len(lost & accepted)
     return v
 
@@ -340,13 +366,20 @@ def _rule_seq(h: History, sends: dict[tuple[str, str], Send], deliveries: list[D
 def _rule_nothing_unacked(h: History, sends: dict[tuple[str, str], Send],
                           deliveries: list[Delivery], v: Verdict) -> None:
     seen: set[tuple[str, str, str]] = set()
-    observed = [(d.sender, d.tag, d.chat, d.message_id, f"delivered to {d.user}") for d in deliveries]
+    announced = _announced(h)
+    observed = [(d.sender, d.tag, d.chat, d.message_id, d.attachment_id, f"delivered to {d.user}")
+                for d in deliveries]
     observed += [(str(m.get("senderId")), tag_of(m.get("body")), chat, str(m.get("messageId")),
-                  "stored") for chat, m in _stored_messages(h)]
-    for sender, tag, chat, mid, how in observed:
+                  attachment_of(m), "stored") for chat, m in _stored_messages(h)]
+    for sender, tag, chat, mid, aid, how in observed:
         if (mid, how, chat) in seen:
             continue
         seen.add((mid, how, chat))
+        if aid is not None:
+            if announced.get(aid) != (sender, chat):
+                v.violations.append(f"rule 4: attachment message {mid} {how} (attachment {aid}, "
+                                    f"sender {sender}, chat {chat}) was never acked to its sender")
+            continue
         s = sends.get((sender, tag)) if tag is not None else None
         if s is None or s.chat != chat:
             v.violations.append(f"rule 4: message {mid} {how} (sender {sender}, tag {tag!r}, "
@@ -389,18 +422,42 @@ def _rule_receipts(h: History, v: Verdict) -> None:
                                 f"last seq {last_seq}")
 
 
-def _rule_attachments(h: History, v: Verdict) -> None:
+def _rule_attachments(h: History, deliveries: list[Delivery], v: Verdict) -> None:
     for e in h.events:
         f = e.frame
         if (e.direction == "in" and f.get("type") == "system"
                 and f.get("event") == "attachment_rejected"
                 and (f.get("data") or {}).get("code") not in ATTACHMENT_REFUSALS):
             v.violations.append(f"rule 6: attachment_rejected without a known code: {f}")
-    for aid in sorted(h.uploaded):
+    stored: dict[str, list[Frame]] = defaultdict(list)
+    for _, m in _stored_messages(h):
+        aid = attachment_of(m)
+        if aid is not None:
+            stored[aid].append(m)
+    got: dict[str, set[str]] = defaultdict(set)
+    for d in deliveries:
+        if d.attachment_id is not None:
+            got[d.attachment_id].add(d.user)
+    announced = _announced(h)
+    for aid in sorted(set(stored) | h.uploaded):
         state = h.attachments.get(aid)
-        if state != ATTACHMENT_READY and state not in ATTACHMENT_REFUSALS:
+        rows = stored.get(aid, [])
+        if aid in h.uploaded and state != ATTACHMENT_READY and state not in ATTACHMENT_REFUSALS:
             v.violations.append(f"rule 6: attachment {aid} ended {state!r}, neither ready nor "
                                 "refused with a code")
+        if len({r.get("messageId") for r in rows}) > 1:
+            v.duplicates += len(rows) - 1
+            v.violations.append(f"rule 6: attachment {aid} is stored as {len(rows)} messages")
+        if state == ATTACHMENT_READY and not rows:
+            v.lost += 1
+            v.violations.append(f"rule 6: attachment {aid} is ready but its message is not stored")
+        if state in ATTACHMENT_REFUSALS and rows:
+            v.violations.append(f"rule 6: attachment {aid} was refused ({state}) but is in the chat")
+        uploader, chat = announced.get(aid, ("", ""))
+        missing = sorted(h.members.get(chat, set()) - {uploader} - got[aid]) if rows else []
+        if missing:
+            v.lost += 1
+            v.violations.append(f"rule 6: attachment {aid}'s message never reached {missing}")
 
 
 def recovery_s(h: History, fault_at: float) -> float | None:

@@ -63,6 +63,18 @@ class Run:
         self.deliver("bob", cid, mid, seq)
         self.deliver("carol", cid, mid, seq)
 
+    def announce(self, cid: str, aid: str, sender: str = "alice") -> None:
+        """An ``attachment`` frame and its accepted ack."""
+        self.h.record(sender, "out", {"type": "attachment", "id": cid, "chatId": CHAT,
+                                      "fileName": "cat.png", "contentType": "image/png", "size": 9})
+        self.h.record(sender, "in", {"type": "ack", "id": cid, "status": "accepted",
+                                     "attachmentId": aid, "uploadUrl": "u", "uploadToken": "t"})
+
+    def attachment_row(self, aid: str, mid: str, seq: int, sender: str = "alice") -> dict[str, Any]:
+        return {"type": "message", "messageId": mid, "chatId": CHAT, "seq": seq,
+                "senderId": sender, "kind": "attachment", "body": "cat.png",
+                "attachment": {"attachmentId": aid, "fileName": "cat.png"}}
+
     def receipt_frame(self, viewer: str, who: str, delivered: int, read: int) -> None:
         self.h.record(viewer, "in", {"type": "system", "event": "receipt", "data": {
             "chatId": CHAT, "userId": who, "deliveredSeq": delivered, "readSeq": read}})
@@ -237,15 +249,62 @@ def test_rule5_final_pointers_below_announced_or_past_the_last_seq() -> None:
     assert any("pass its last seq 1" in x for x in found)
 
 
+def attachments_run() -> Run:
+    """Three attachments uploaded: at1 ready (stored as seq 1, delivered), at2 refused, at3
+    still to settle."""
+    run = Run()
+    for i in (1, 2, 3):
+        run.announce(f"x{i}", f"at{i}")
+    run.h.uploaded.update({"at1", "at2", "at3"})
+    run.h.attachments.update({"at1": "ready", "at2": "type_mismatch", "at3": "ready"})
+    run.stored.append(run.attachment_row("at1", "m1", 1))
+    run.stored.append(run.attachment_row("at3", "m2", 2))
+    for user in ("bob", "carol"):
+        run.h.record(user, "in", run.attachment_row("at1", "m1", 1))
+        run.h.record(user, "in", run.attachment_row("at3", "m2", 2))
+    return run
+
+
+def test_rule6_settled_attachments_pass() -> None:
+    assert check(attachments_run().h).violations == []
+
+
 @pytest.mark.parametrize("state", ["verifying", "pending", None])
 def test_rule6_an_uploaded_attachment_left_unsettled(state: str | None) -> None:
-    run = Run()
-    run.h.uploaded.update({"at1", "at2", "at3"})
-    run.h.attachments.update({"at1": "ready", "at2": "type_mismatch"})
+    run = attachments_run()
+    run.stored.pop()  # at3's message was never stored: it did not become ready
+    run.h.attachments.pop("at3")
     if state is not None:
         run.h.attachments["at3"] = state
     assert violations(run, 6) == [f"rule 6: attachment at3 ended {state!r}, neither ready nor "
                                   "refused with a code"]
+
+
+def test_rule6_a_ready_attachment_stored_twice_missing_or_undelivered() -> None:
+    run = attachments_run()
+    run.stored.append(run.attachment_row("at1", "m3", 3))
+    assert any("at1 is stored as 2 messages" in x for x in violations(run, 6))
+    assert check(run.h).duplicates == 1
+    run = attachments_run()
+    run.stored.pop()
+    assert any("at3 is ready but its message is not stored" in x for x in violations(run, 6))
+    run = attachments_run()
+    run.h.events = [e for e in run.h.events
+                    if not (e.user == "carol" and e.frame.get("messageId") == "m2")]
+    assert violations(run, 6) == ["rule 6: attachment at3's message never reached ['carol']"]
+    assert check(run.h).lost == 1
+
+
+def test_rule6_a_refused_attachment_in_the_chat() -> None:
+    run = attachments_run()
+    run.stored.append(run.attachment_row("at2", "m3", 3))
+    assert any("at2 was refused (type_mismatch) but is in the chat" in x for x in violations(run, 6))
+
+
+def test_rule4_an_attachment_message_never_acked_to_its_sender() -> None:
+    run = attachments_run()
+    run.stored.append(run.attachment_row("at9", "m3", 3))
+    assert any("attachment at9" in x and "never acked" in x for x in violations(run, 4))
 
 
 def test_rule6_a_refusal_frame_without_a_known_code() -> None:
