@@ -10,6 +10,10 @@ import orjson
 # Frames the gateway answers itself; everything else must have a pipeline.
 LOCAL_TYPES = frozenset({"ping", "sync"})
 MAX_CLIENT_ID = 64
+# Deepest nesting of arrays and objects a frame may have. The parser allows ~1024 levels,
+# but a frame's fields cross process boundaries pickled, and pickling recurses: a few
+# hundred levels fail it, and a durable batch that cannot be sent is retried forever.
+MAX_DEPTH = 32
 # U+0000 as JSON writes it (the only way into a parsed string: raw control characters
 # are not valid JSON).
 _NUL_ESCAPE_TEXT = "\\u0000"
@@ -54,11 +58,26 @@ def read_frame(message: dict[str, Any], max_bytes: int) -> dict[str, Any]:
     # PostgreSQL text cannot hold U+0000: a durable batch carrying one would fail at
     # every retry and wedge its type's pipeline. The walk runs only when the text has the
     # escape.
+    if _deeper_than(frame, MAX_DEPTH):
+        raise FrameError("invalid", f"frame is nested deeper than {MAX_DEPTH} levels",
+                         frame_id(frame))
     escaped = _NUL_ESCAPE in data if isinstance(data, bytes) else _NUL_ESCAPE_TEXT in data
     if escaped and _has_nul(frame):
         raise FrameError("invalid", "strings must not contain U+0000", frame_id(frame))
     return frame
 
+
+
+def _deeper_than(frame: dict[str, Any], limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` levels (the frame is level 1)."""
+    stack: list[tuple[Any, int]] = [(v, 2) for v in frame.values() if isinstance(v, (dict, list))]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def _has_nul(value: Any) -> bool:

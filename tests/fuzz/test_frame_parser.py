@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.gateway.frames import FrameError, check_client_id, read_frame
+from deployments.gateway.frames import MAX_DEPTH, FrameError, check_client_id, read_frame
 
 MAX = 512
 CODES = {"bad_frame", "too_large", "invalid"}
@@ -103,3 +103,27 @@ def test_deep_nesting_huge_numbers_and_lone_surrogates_are_bad_frames() -> None:
     with pytest.raises(FrameError) as info:
         read_frame({"type": "websocket.receive", "bytes": b'{"type":"\xff\xfe"}'}, 10_000)
     assert info.value.code == "bad_frame"
+
+
+def nested(depth: int) -> str:
+    """JSON text of arrays and objects nested ``depth`` levels (built as text: orjson's
+    encoder stops at 255)."""
+    opening = "".join('[' if i % 2 else '{"k":' for i in range(depth))
+    closing = "".join(']' if i % 2 else '}' for i in reversed(range(depth)))
+    return f'{opening}"leaf"{closing}'
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH - 1, MAX_DEPTH, 600, 1000])
+def test_nesting_deeper_than_the_limit_is_refused_with_the_frames_id(depth: int) -> None:
+    """A frame's fields are pickled on their way to a stage host, and pickling recurses:
+    a few hundred levels fail it, so deep frames are refused at the door."""
+    import ray.cloudpickle
+
+    text = f'{{"type":"chat","id":"c-1","extra":{nested(depth)}}}'
+    if depth + 1 <= MAX_DEPTH:  # the frame itself is one level
+        frame = read_frame({"type": "websocket.receive", "text": text}, 1 << 20)
+        ray.cloudpickle.dumps([frame])
+        return
+    with pytest.raises(FrameError) as info:
+        read_frame({"type": "websocket.receive", "text": text}, 1 << 20)
+    assert info.value.code == "invalid" and info.value.frame()["id"] == "c-1"
