@@ -8,7 +8,8 @@ With ``--spawn`` it starts a local Ray, an embedded PostgreSQL and Serve (``benc
 ``Spawned``), measures capacity first (the closed-loop chat benchmark, 20 in flight per
 sender) unless ``--rate`` is given, then offers ``--fraction`` of it for ``--duration``
 seconds: ``--pairs`` sender/receiver pairs, each message sent at its scheduled time whatever
-the server does (``bench/chat.py``'s open loop). Every ``--sample-s`` seconds it records
+the server does (``bench/chat.py``'s open loop), after ``--warmup`` seconds of the same load
+that are not sampled. Every ``--sample-s`` seconds it records
 the resident memory of each Conveyor process of that Ray (Serve replicas of the app, the
 proxy, the state actors; found under the raylet this process started) and the delivery and
 ack latency percentiles of the messages of that window.
@@ -144,9 +145,10 @@ def rss_mb(pids: dict[str, int]) -> dict[str, float]:
 # --- the run -------------------------------------------------------------------------------
 async def soak(target: Target, rate: float, duration_s: float, *, pairs: int = 10,
                sample_s: float = 5.0, processes: Callable[[], dict[str, int]] | None = None,
-               settle_s: float = 30.0) -> dict[str, Any]:
-    """Offer ``rate`` messages/s in total over ``pairs`` chats for ``duration_s``, sampling
-    every ``sample_s``; returns the samples and the run's totals (not yet judged)."""
+               settle_s: float = 30.0, warmup_s: float = 0.0) -> dict[str, Any]:
+    """Offer ``rate`` messages/s in total over ``pairs`` chats for ``warmup_s`` (not
+    sampled: pools, caches and lazy imports settle) then ``duration_s``, sampling every
+    ``sample_s``; returns the samples and the run's totals (not yet judged)."""
     tag = uuid.uuid4().hex[:6]
     ps = [Pair(i, f"ss{tag}-{i}", f"sr{tag}-{i}") for i in range(pairs)]
     chats = await asyncio.gather(*(create_chat(target.base_url, target.token(p.sender), [p.receiver])
@@ -157,7 +159,7 @@ async def soak(target: Target, rate: float, duration_s: float, *, pairs: int = 1
                                        for p in ps))
     senders = await asyncio.gather(*(WsClient.connect(target.ws_url, target.token(p.sender))
                                      for p in ps))
-    per_pair = max(1, math.ceil(rate * duration_s / pairs))
+    per_pair = max(1, math.ceil(rate * (warmup_s + duration_s) / pairs))
     settled, all_settled = [asyncio.Event() for _ in ps], asyncio.Event()
     done = [asyncio.Event() for _ in ps]
     receiving = [asyncio.create_task(_receiver(p, c, 0.05, all_settled, d))
@@ -165,8 +167,9 @@ async def soak(target: Target, rate: float, duration_s: float, *, pairs: int = 1
     sending = [asyncio.create_task(_sender(p, c, per_pair, 1, "", s, pairs / rate))
                for p, c, s in zip(ps, senders, settled, strict=True)]
     samples: list[Sample] = []
-    seen_d = [0] * len(ps)
-    seen_a = [0] * len(ps)
+    await asyncio.sleep(warmup_s)
+    seen_d = [len(p.delivery_latency) for p in ps]
+    seen_a = [len(p.ack_latency) for p in ps]
     t0 = time.monotonic()
 
     def take() -> Sample:
@@ -200,10 +203,12 @@ async def soak(target: Target, rate: float, duration_s: float, *, pairs: int = 1
         await asyncio.gather(*(c.close() for c in [*senders, *receivers]), return_exceptions=True)
     accepted = sum(p.accepted for p in ps)
     lost = sum(len(p.accepted_ids - p.delivered_ids) for p in ps)
-    return {"rate": rate, "durationS": duration_s, "pairs": pairs, "sampleS": sample_s,
+    return {"rate": rate, "durationS": duration_s, "warmupS": warmup_s, "pairs": pairs,
+            "sampleS": sample_s,
             "sent": sum(p.sent for p in ps), "accepted": accepted,
             "rejected": sum(sum(p.rejections.values()) for p in ps), "lost": lost,
-            "deliveredPerS": round(sum(len(p.delivered_ids) for p in ps) / max(duration_s, 1e-9), 1),
+            "deliveredPerS": round(sum(len(p.delivered_ids) for p in ps)
+                                   / max(warmup_s + duration_s, 1e-9), 1),
             "samples": samples}
 
 
@@ -283,7 +288,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         if args.rate is None:
             args.rate = args.fraction * await capacity(target, args.pairs)
         return judge(await soak(target, args.rate, args.duration, pairs=args.pairs,
-                                sample_s=args.sample_s), j, memory=False)
+                                sample_s=args.sample_s, warmup_s=args.warmup), j, memory=False)
     with Spawned(args.gateways, args.cpu) as env:
         target = env.deploy_conveyor()
         measured = None
@@ -294,7 +299,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         raylet = local_raylet_pid()
         assert raylet is not None, "the spawned Ray has no raylet in this process"
         run = await soak(target, args.rate, args.duration, pairs=args.pairs,
-                         sample_s=args.sample_s,
+                         sample_s=args.sample_s, warmup_s=args.warmup,
                          processes=lambda: conveyor_processes(raylet, "bench"))
         report = judge(run, j)
         report["capacityMsgsPerS"] = measured
@@ -308,7 +313,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--spawn", action="store_true", help="start a local Ray, PostgreSQL and Serve")
     where.add_argument("--url", help="a running application, e.g. http://127.0.0.1:8000")
     p.add_argument("--data-dir", type=Path, default=None, help="with --url: the app's data dir")
-    p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
+    p.add_argument("--duration", type=float, default=600.0,
+                   help="seconds of sampled load (default 600)")
+    p.add_argument("--warmup", type=float, default=30.0,
+                   help="seconds of the same load before sampling starts (default 30)")
     p.add_argument("--rate", type=float, default=None,
                    help="messages/s in total (default: --fraction of the measured capacity)")
     p.add_argument("--fraction", type=float, default=0.7, help="of capacity, without --rate")
