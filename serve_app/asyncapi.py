@@ -14,16 +14,27 @@ from __future__ import annotations
 
 from typing import Any
 
-MAX_CLIENT_ID = 64
+from deployments.gateway import close_codes
+from deployments.gateway.frames import MAX_CLIENT_ID
+
 CHANNEL = "socket"
 MESSAGES = "#/components/messages/"
 SCHEMAS = "#/components/schemas/"
 
 CLOSE_CODES = {
-    "1011": "The token could not be checked: the issuer's keys are unreachable (retry later).",
-    "1012": "The gateway replica is shutting down (after a `system` `reconnect` frame): "
-            "reconnect, to another replica.",
-    "4401": "The handshake's token is missing, malformed, badly signed or expired.",
+    str(close_codes.SERVER_ERROR): "The token could not be checked: the issuer's keys are "
+                                   "unreachable (retry later).",
+    str(close_codes.RESTARTING): "The gateway replica is shutting down (after a `system` "
+                                 "`reconnect` frame): reconnect, to another replica.",
+    str(close_codes.BAD_TOKEN): "The handshake's token is missing, malformed, badly signed or "
+                                "expired.",
+    str(close_codes.SLOW_CONSUMER): "Slow consumer (after a `system` `slow_consumer` frame): "
+                                    "the client did not receipt what was written to it.",
+    str(close_codes.TOO_MANY_CONNECTIONS): "The user holds as many open connections as "
+                                           "allowed (`max_connections_per_user`).",
+    str(close_codes.TOO_MANY_ATTEMPTS): "Too many connection attempts "
+                                        "(`connection_attempts_per_minute`); the reason says "
+                                        "when to retry.",
 }
 
 
@@ -147,7 +158,8 @@ def messages(settings: Any = None) -> dict[str, dict[str, Any]]:
         "clientSync": ("A page of a chat's history (members).",
                        _frame("sync", ["id", "chatId"], {
                            "id": CLIENT_ID, "chatId": _string(),
-                           "afterSeq": {"type": "integer", "minimum": 0, "default": 0},
+                           "afterSeq": {"type": "integer", "minimum": 0,
+                                        "maximum": 2**63 - 1, "default": 0},
                            "limit": {"type": "integer", "minimum": 1, "maximum": 500,
                                      "default": 50}}, closed=False),
                        {"type": "sync", "id": "s-1", "chatId": "<chat>", "afterSeq": 0,
@@ -202,7 +214,9 @@ def messages(settings: Any = None) -> dict[str, dict[str, Any]]:
                       "id": _string(),
                       "code": {"enum": ["bad_frame", "unknown_type", "too_large", "forbidden",
                                         "not_found", "invalid", "credits_exhausted",
-                                        "overloaded"]},
+                                        "overloaded", "internal"],
+                               "description": "`internal`: the server failed to handle the "
+                                              "frame (a store unreachable during a `sync`)."},
                       "message": _string()}),
                   {"type": "error", "code": "unknown_type", "message": "unknown frame type 'x'"}),
         "pong": ("The answer to `ping`.", _frame("pong", [], {}), {"type": "pong"}),
@@ -250,6 +264,13 @@ def messages(settings: Any = None) -> dict[str, dict[str, Any]]:
             "Sent when a gateway replica shuts down."),
             {"type": "system", "event": "reconnect",
              "data": {"reason": "gateway shutting down", "retryAfter": 1}}),
+        "systemSlowConsumer": ("The client did not receipt what was written to it: the "
+                               "socket then closes with 4408.", _system(
+                                   "slow_consumer", ["reason", "unreceipted"],
+                                   {"reason": _string(), "unreceipted": INTEGER},
+                                   "See `connection_unreceipted_max`, `slow_consumer_s`."),
+                               {"type": "system", "event": "slow_consumer",
+                                "data": {"reason": "no receipt for 30 s", "unreceipted": 1024}}),
         "systemAttachmentRejected": ("An uploaded file was refused; it never reaches the chat.",
                                      _system("attachment_rejected",
                                              ["attachmentId", "chatId", "code", "reason"], {
@@ -310,7 +331,9 @@ def asyncapi_document(settings: Any = None) -> dict[str, Any]:
                                 "camelCase, UTF-8. The first frame is always `system` "
                                 "`connected`. A chat acked `accepted` or `duplicate` is stored "
                                 "and delivered to every member's connections until each sends "
-                                "a `receipt`; within a chat `seq` increases by one. HTTP "
+                                "a `receipt`; within a chat `seq` increases by one. No "
+                                "string of a client frame may contain U+0000, and no frame "
+                                "may nest deeper than 32 levels (`error` `invalid`). HTTP "
                                 "endpoints: `/openapi.json`."},
         "defaultContentType": "application/json",
         "servers": {"conveyor": {

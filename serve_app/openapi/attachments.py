@@ -57,11 +57,18 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def refusal(description: str, *examples: tuple[str, str]) -> dict[str, Any]:
+def refusal(description: str, *examples: tuple[str, str, str | None]) -> dict[str, Any]:
+    """``examples``: (code, message, state): the attachment's state when the check ran, or
+    None when there was none to run (no such attachment)."""
     content: dict[str, Any] = {"schema": ref("AttachmentRefusal")}
-    if examples:
-        content["examples"] = {code: {"value": error(code, message)}
-                               for code, message in examples}
+    values = {}
+    for code, message, state in examples:
+        values[code] = (error(code, message) if state is None else
+                        {"attachmentId": ATTACHMENT_ID, "state": state, **error(code, message)})
+    if len(values) == 1:
+        content["example"] = next(iter(values.values()))
+    elif values:
+        content["examples"] = {code: {"value": value} for code, value in values.items()}
     return {"description": description, "content": {"application/json": content}}
 
 
@@ -81,8 +88,8 @@ def paths() -> dict[str, Any]:
     bad_signature = error_response("Missing, malformed, invalid or expired signature.",
                                    ("forbidden", "invalid or expired signature"))
     no_local_store = error_response(
-        "No such object, or uploads go to the object store directly (`s3_endpoint`).",
-        ("not_found", "no such object"))
+        "Uploads go to the object store directly (`s3_endpoint` set), or no such object.",
+        ("not_found", "uploads go to the object store directly"))
     return {
         "/v1/attachments/{attachmentId}/complete": {"post": {
             "operationId": "completeAttachment", "tags": ["attachments"], "security": secured(),
@@ -103,13 +110,18 @@ def paths() -> dict[str, Any]:
                     ("forbidden", "the X-Upload-Token header must carry the uploadToken of "
                                   "the attachment's ack")),
                 "404": refusal("No such attachment of the caller's.",
-                               ("not_found", "no such attachment")),
+                               ("not_found", "no such attachment", None)),
                 "409": refusal("Not uploaded yet, or being checked: try again later.",
-                               ("not_uploaded", "nothing was uploaded yet")),
-                "410": refusal("Too late: the upload window expired, or the message was deleted."),
+                               ("not_uploaded", "the file has not been uploaded", "pending")),
+                "410": refusal("Too late: the upload window expired, or the message was deleted.",
+                               ("deleted", "the attachment is deleted", "deleted")),
                 "422": refusal("The file is refused (`too_large`, `size_mismatch`, "
-                               "`type_mismatch`, `infected`, `too_large_to_scan`)."),
-                "503": refusal("The virus scan could not run; the attachment stays pending."),
+                               "`type_mismatch`, `infected`, `too_large_to_scan`).",
+                               ("type_mismatch", "declared image/png, the content is unrecognised",
+                                "rejected")),
+                "503": refusal("The virus scan could not run; the attachment stays pending.",
+                               ("scan_failed", "the virus scan could not run: ConnectionRefusedError(111, "
+                                "'Connection refused')", "pending")),
                 **common(body=True)}}},
         "/v1/attachments/{attachmentId}/content": {"get": {
             "operationId": "getAttachmentContent", "tags": ["attachments"], "security": secured(),

@@ -3,6 +3,7 @@ responses, in the seed's own error shape (``Problem``)."""
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 from deployments.notifications.idempotency import IDEMPOTENCY_KEY_PATTERN
@@ -100,6 +101,12 @@ RESPONSE_EXAMPLES: dict[str, dict[str, Any]] = {
 def _examples(status: str) -> dict[str, Any]:
     return {name: {"summary": f"Answer to the '{name}' request example", "value": value}
             for name, value in RESPONSE_EXAMPLES[status].items()}
+
+
+def status_line(status: int) -> str:
+    """``HTTP 400 Bad Request``: the ``error`` of this API's problems, with the phrase the
+    server's own HTTP library gives the status."""
+    return f"HTTP {status} {HTTPStatus(status).phrase}"
 
 
 def _problem(description: str, example: dict[str, Any]) -> dict[str, Any]:
@@ -214,10 +221,10 @@ def server_problems() -> dict[str, Any]:
     return {
         "500": _problem("Internal error (a dependency failed, e.g. the database or the token "
                         "issuer's keys, code `jwks_unavailable`).",
-                        {"error": "HTTP 500 Internal Server Error", "code": "internal",
+                        {"error": status_line(500), "code": "internal",
                          "message": "Внутренняя ошибка сервера"}),
         "504": _problem("The request took too long (`request_timeout_s`).",
-                        {"error": "HTTP 504 Gateway Timeout", "code": "timeout",
+                        {"error": status_line(504), "code": "timeout",
                          "message": "Превышено время обработки запроса"}),
     }
 
@@ -231,7 +238,7 @@ def paths() -> dict[str, Any]:
     ]}
     auth_error = _problem("Missing, invalid or expired JWT (messages in Russian; "
                           "`Accept-Language: en` for English).",
-                          {"error": "HTTP 401 Unauthorized", "message": "Срок действия токена истёк",
+                          {"error": status_line(401), "message": "Срок действия токена истёк",
                            "code": "token_expired"})
     return {
         "/v1/notifications": {"post": {
@@ -264,16 +271,16 @@ def paths() -> dict[str, Any]:
                                                          "examples": _examples("400")}}},
                 "401": auth_error,
                 "403": _problem("The token lacks the required role.",
-                                {"error": "HTTP 403 Forbidden", "code": "forbidden",
+                                {"error": status_line(403), "code": "forbidden",
                                  "message": "Требуется роль 'notifications:send'"}),
                 "409": _problem("A request with this Idempotency-Key is still in flight.",
-                                {"error": "HTTP 409 Conflict", "code": "idempotency_key_in_flight",
+                                {"error": status_line(409), "code": "idempotency_key_in_flight",
                                  "message": "Запрос с этим ключом идемпотентности ещё обрабатывается"}),
                 "413": _problem("The body is too large (`max_request_bytes`).",
-                                {"error": "HTTP 413 Request Entity Too Large", "code": "too_large",
+                                {"error": status_line(413), "code": "too_large",
                                  "message": "Тело запроса слишком велико"}),
                 "422": _problem("The Idempotency-Key was used with another body.",
-                                {"error": "HTTP 422 Unprocessable Content",
+                                {"error": status_line(422),
                                  "code": "idempotency_key_reused",
                                  "message": "Ключ идемпотентности уже использован с другим "
                                             "телом запроса"}),
@@ -291,7 +298,7 @@ def paths() -> dict[str, Any]:
                     "schema": {"$ref": REF + "NotificationStatus"}}}},
                 "401": auth_error,
                 "404": _problem("No such notification for this subject.",
-                                {"error": "HTTP 404 Not Found", "message": "Уведомление не найдено",
+                                {"error": status_line(404), "message": "Уведомление не найдено",
                                  "code": "not_found"}),
                 **server_problems(),
             },

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
-from deployments.gateway import Gateway
+from deployments.gateway import Gateway, close_codes
 from deployments.gateway.attachments_api import AttachmentsApi
 from deployments.gateway.chats_api import ChatsApi
 from deployments.http import ApiError, query_int, storable
@@ -276,7 +276,7 @@ def test_every_frame_type_of_the_protocol_has_a_message_and_its_example_fits() -
     client_types = {"chat", "signal", "attachment", "command", "receipt", "sync", "ping"}
     server_types = {"ack", "message", "signal", "command", "system", "sync", "error", "pong"}
     system_events = {"connected", "credits_low", "credits_exhausted", "overload", "presence",
-                     "reconnect", "receipt", "attachment_rejected"}
+                     "reconnect", "receipt", "attachment_rejected", "slow_consumer"}
     seen: dict[str, set[str]] = {"client-to-server": set(), "server-to-client": set()}
     events = set()
     for name, message in components["messages"].items():
@@ -319,3 +319,12 @@ def test_query_integers_parse_and_default() -> None:
 def test_nul_is_the_one_character_postgresql_cannot_store() -> None:
     assert storable("any text: ünïcødé, emoji 👍, \x01 controls")
     assert not storable("a\x00b")
+
+
+def test_every_close_code_the_gateway_uses_is_documented() -> None:
+    codes = {str(v) for k, v in vars(close_codes).items() if k.isupper() and isinstance(v, int)
+             and k != "MAX_REASON_BYTES"}
+    documented = asyncapi_document()["channels"]["socket"]["x-close-codes"]
+    assert set(documented) == codes
+    assert all(code in asyncapi_document()["channels"]["socket"]["description"]
+               for code in codes)
