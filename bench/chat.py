@@ -60,6 +60,7 @@ import httpx
 import orjson
 
 from bench import proc_cpu
+from bench.profile import Profiler
 from client import WsClient, create_chat
 
 APP_NAME = "bench"
@@ -148,6 +149,7 @@ class ChatRun:
     process_cpu_s: dict[str, float] = field(default_factory=dict)
     rate: float | None = None
     hop_ms: dict[str, float] = field(default_factory=dict)
+    profiles: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         ps = self.pairs
@@ -190,6 +192,8 @@ class ChatRun:
             for g, sec in self.process_cpu_s.items()}
         if self.hop_ms:
             out["hopMeanMs"] = self.hop_ms
+        if self.profiles is not None:
+            out["profiles"] = self.profiles
         server = sum(sec for g, sec in self.process_cpu_s.items() if g != "load-client")
         out["serverCpuMsPerMessage"] = round(server * 1000 / max(done, 1), 3)
         if all(p.stored is not None for p in ps):
@@ -330,10 +334,13 @@ async def _receiver(pair: Pair, client: WsClient, receipt_s: float, senders_sett
 
 async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
                    receipt_ms: float = 5.0, body_bytes: int = 0, timeout_s: float = 180.0,
-                   verify: bool | None = None, rate: float | None = None) -> ChatRun:
+                   verify: bool | None = None, rate: float | None = None,
+                   profile: Path | None = None) -> ChatRun:
     """The benchmark's core: one load point against ``target``; returns every pair's
     record (``.summary()`` gives the JSON figures). ``rate``: open loop, that many
-    messages per second in total across the pairs (``inflight`` is then ignored)."""
+    messages per second in total across the pairs (``inflight`` is then ignored).
+    ``profile``: a directory for py-spy profiles of the gateway and stage hosts during the
+    run (``bench/profile.py``); their top frames go into the record."""
     verify = target.verify if verify is None else verify
     tag = uuid.uuid4().hex[:6]
     ps = [Pair(i, f"bs{tag}-{i}", f"br{tag}-{i}") for i in range(pairs)]
@@ -353,6 +360,7 @@ async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
                  for p, c, d in zip(ps, receivers, done, strict=True)]
     interval = pairs / rate if rate else None
     hops0 = await _hop_totals(target)
+    profiler = Profiler(PROFILED, profile).start() if profile is not None else None
     procs0 = proc_cpu.snapshot()
     cpu0 = time.process_time()
     started = time.perf_counter()
@@ -370,6 +378,7 @@ async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
     ended = max((p.receiver_done_at or time.perf_counter() for p in ps), default=time.perf_counter())
     cpu = time.process_time() - cpu0
     procs = proc_cpu.delta(procs0, proc_cpu.snapshot())
+    profiles = profiler.stop() if profiler is not None else None
     if hops0:
         await asyncio.sleep(2.5)  # every process has pushed its metrics (metrics_push_s)
     hops = _hop_means(hops0, await _hop_totals(target))
@@ -384,8 +393,10 @@ async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
         await asyncio.gather(*sending, *receiving, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in [*senders, *receivers]), return_exceptions=True)
     return ChatRun(target.name, ps, messages, inflight, started, ended, timed_out, cpu, procs,
-                   rate, hops)
+                   rate, hops, profiles)
 
+
+PROFILED = ("Gateway", "stages")  # the groups --profile records
 
 HOP_SERIES = ("conveyor_hop_seconds", "conveyor_stage_seconds")
 
@@ -631,6 +642,7 @@ class Load:
     warmup: bool = True
     repeat: int = 1
     rate: float | None = None  # open loop: messages/s offered in total
+    profile: Path | None = None  # py-spy profiles of the first measured run go here
 
     async def run(self, target: Target) -> dict[str, Any]:
         """A warm-up (not counted), then ``repeat`` measurements with fresh users and
@@ -640,16 +652,21 @@ class Load:
             await run_chat(target, min(2, self.pairs), min(20, self.messages), self.inflight,
                            receipt_ms=self.receipt_ms, timeout_s=60.0, verify=False)
         summaries = []
-        for _ in range(max(1, self.repeat)):
+        for i in range(max(1, self.repeat)):
+            profile = self.profile / target.name if self.profile and i == 0 and target.verify \
+                else None
             result = await run_chat(target, self.pairs, self.messages, self.inflight,
                                     receipt_ms=self.receipt_ms, body_bytes=self.body_bytes,
-                                    timeout_s=self.timeout_s, rate=self.rate)
+                                    timeout_s=self.timeout_s, rate=self.rate, profile=profile)
             s = result.summary()
             summaries.append(s)
             log(f"{target.name}: {s['msgsPerS']} msg/s, lost {s['lost']}, "
                 f"ack p50 {s['ackLatencyMs']['p50']} ms, "
                 f"delivery p50 {s['deliveryLatencyMs']['p50']} ms")
         summary = dict(sorted(summaries, key=lambda s: s["msgsPerS"])[len(summaries) // 2])
+        for s in summaries:
+            if "profiles" in s:
+                summary["profiles"] = s["profiles"]
         if len(summaries) > 1:
             summary["msgsPerSRuns"] = [s["msgsPerS"] for s in summaries]
             for key in ("lost", "lostStored", "redelivered", "outOfOrder", "storedDuplicates",
@@ -668,7 +685,8 @@ def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
 async def measure_spawned(load: Load, topologies: list[str], baseline: bool = True,
                           gateways: int = 1, cpu: float = 0.1,
                           settings: dict[str, Any] | None = None,
-                          shared: bool = False, proxy_cost: bool = False) -> dict[str, Any]:
+                          shared: bool = False, proxy_cost: bool = False,
+                          idle_s: float = 0.0) -> dict[str, Any]:
     """Measure the baseline (optional) and each topology, each in its own fresh cluster."""
     out: dict[str, Any] = {"config": {**load.__dict__, "gateways": gateways, "cpuPerReplica": cpu,
                                       "topologies": topologies, "settings": settings or {},
@@ -687,13 +705,35 @@ async def measure_spawned(load: Load, topologies: list[str], baseline: bool = Tr
     runs: dict[str, Any] = {}
     for topology in topologies:
         with Spawned(gateways, cpu, settings, shared) as env:
-            runs[topology] = await load.run(env.deploy_conveyor(topology))
+            target = env.deploy_conveyor(topology)
+            idle = await measure_idle(idle_s) if idle_s > 0 else None
+            runs[topology] = await load.run(target)
+            if idle is not None:
+                runs[topology]["idle"] = idle
         runs[topology]["ratio"] = ratio(runs[topology], out.get("baseline"))
     out["runs"] = runs
     out["config"]["loadAvg1mAtEnd"] = round(os.getloadavg()[0], 2)
     if "fused" in runs and "split" in runs:
         out["splitOverFused"] = ratio(runs["split"], runs["fused"])
     return out
+
+
+# Groups that are Ray's or the machine's, not Conveyor's own replicas and actors.
+NOT_CONVEYOR = ("serve-proxy", "serve-controller", "ray-system", "postgres", "load-client",
+                "DashboardAgent", "RuntimeEnvAgent")
+
+
+async def measure_idle(seconds: float, settle_s: float = 15.0) -> dict[str, Any]:
+    """CPU per process group with no client at all, after ``settle_s`` for start-up work
+    to end: share of one core, and the sum over Conveyor's own replicas and actors."""
+    await asyncio.sleep(settle_s)
+    before = proc_cpu.snapshot()
+    await asyncio.sleep(seconds)
+    spent = proc_cpu.delta(before, proc_cpu.snapshot())
+    shares = {g: round(sec / seconds, 4) for g, sec in spent.items()}
+    own = sum(v for g, v in shares.items() if g not in NOT_CONVEYOR)
+    return {"seconds": seconds, "coreShare": shares, "conveyorOwnCoreShare": round(own, 4),
+            "allCoreShare": round(sum(v for g, v in shares.items() if g != "load-client"), 4)}
 
 
 async def measure_uvicorn_echo(load: Load) -> dict[str, Any]:
@@ -759,6 +799,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proxy-cost", action="store_true",
                    help="(--spawn) also measure the echo relay under plain uvicorn, no Serve "
                         "proxy: serveOverUvicorn is what the proxy leaves of it")
+    p.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
+                   help="(--spawn) before the load, measure CPU per process with no client "
+                        "for this long (after 15 s to settle)")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="py-spy profiles (collapsed stacks) of the gateway and stage hosts "
+                        "during the first measured run, into DIR/<target>/; top frames in JSON")
     p.add_argument("--shared-machine", action="store_true",
                    help="(--spawn) measure even while another Ray runs on this machine; the "
                         "load averages at start and end go into the JSON")
@@ -797,11 +843,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
     load = Load(args.pairs, args.messages, args.inflight, args.receipt_ms, args.body_bytes,
-                args.timeout, not args.no_warmup, args.repeat, args.rate)
+                args.timeout, not args.no_warmup, args.repeat, args.rate, args.profile)
     if args.spawn:
         out = asyncio.run(measure_spawned(load, args.topologies, args.baseline, args.gateways,
                                           args.cpu, dict(_setting(s) for s in args.set),
-                                          args.shared_machine, args.proxy_cost))
+                                          args.shared_machine, args.proxy_cost, args.idle))
     else:
         from settings import Settings
 

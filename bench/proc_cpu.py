@@ -34,20 +34,30 @@ def group_of(pid: int, cmdline: str) -> str | None:
     return None
 
 
-def snapshot() -> dict[str, float]:
-    """CPU seconds so far, summed per group, over the processes alive now."""
-    out: dict[str, float] = {}
+def processes() -> list[tuple[int, str]]:
+    """(pid, group) of every live process that belongs to a group."""
+    out: list[tuple[int, str]] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (entry / "stat").read_text()
         except OSError:
             continue  # gone meanwhile
         group = group_of(int(entry.name), cmdline.strip())
-        if group is None:
-            continue
+        if group is not None:
+            out.append((int(entry.name), group))
+    return out
+
+
+def snapshot() -> dict[str, float]:
+    """CPU seconds so far, summed per group, over the processes alive now."""
+    out: dict[str, float] = {}
+    for pid, group in processes():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
         fields = stat.rsplit(")", 1)[1].split()
         seconds = (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
         out[group] = out.get(group, 0.0) + seconds
