@@ -15,8 +15,9 @@ Slow consumers. Behind Serve's proxy a socket write never waits for the client (
 frame is handed to the proxy at once), so how far a client has read is known only from
 its receipts. A connection holds at most ``unreceipted_max`` written and not receipted
 messages; past that its chats wait in the store (``held``) and are written as receipts
-come. A connection at that limit without a receipt for ``slow_consumer_s``, or one whose
-outbound queue overflows with a frame that cannot be read back from the store (ack,
+come. A connection held back for ``slow_consumer_s`` without a receipt moving anything
+(from the first message held, so a burst after a quiet spell is not held against it), or
+one whose outbound queue overflows with a frame that cannot be read back from the store (ack,
 signal, system...), gets a ``system`` ``slow_consumer`` frame and is closed with 4408.
 """
 
@@ -112,7 +113,7 @@ class Connection:
         self.on_slow = on_slow  # (reason): this connection is being closed as too slow
         self.in_flight = 0
         self.held: set[str] = set()
-        self.receipt_at = time.monotonic()
+        self.held_since: float | None = None  # first message held since the last receipt
         self.slow: str | None = None  # why it was closed as a slow consumer
         self._closer: asyncio.Task[None] | None = None
 
@@ -231,7 +232,7 @@ class Connection:
             best = max((seq for seq, _ in hits), default=None)
             if best is not None and best > st.receipted:
                 self._advance(st, best)
-                self.receipt_at = time.monotonic()
+                self.held_since = None
         if self.held and self.in_flight < self.unreceipted_max:
             for chat_id in list(self.held):
                 self.held.discard(chat_id)
@@ -240,13 +241,11 @@ class Connection:
 
     def due_redelivery(self, now: float, base_s: float, max_s: float) -> list[str]:
         """Chats to write again from their receipted point (their backoff ran out). A
-        connection at its limit that has not receipted for ``slow_consumer_s`` is closed
-        instead: writing again to a client that does not read only fills memory."""
+        connection held back for ``slow_consumer_s`` without a receipt is closed instead:
+        writing again to a client that does not read only fills memory."""
         if self.closed:
             return []
         if self._stalled(now):
-            self.too_slow(f"{self.in_flight} messages not receipted for "
-                          f"{now - self.receipt_at:.0f} s")
             return []
         due = []
         for chat_id, st in self.chats.items():
@@ -267,9 +266,13 @@ class Connection:
 
     # --- internals --------------------------------------------------------------------
     def _stalled(self, now: float) -> bool:
-        """At the unreceipted limit, with no receipt for ``slow_consumer_s``."""
-        return (self.in_flight >= self.unreceipted_max
-                and now - self.receipt_at >= self.slow_consumer_s)
+        """Held back for ``slow_consumer_s`` without a receipt: if so, closes the
+        connection as a slow consumer."""
+        if self.held_since is None or now - self.held_since < self.slow_consumer_s:
+            return False
+        self.too_slow(f"{self.unreceipted_max} messages not receipted in "
+                      f"{now - self.held_since:.0f} s")
+        return True
 
     def _room(self, chat_id: str) -> bool:
         """Whether one more message may be written now; if not, the chat is held until
@@ -277,9 +280,10 @@ class Connection:
         if self.in_flight < self.unreceipted_max:
             return True
         self.held.add(chat_id)
-        if self._stalled(time.monotonic()):
-            self.too_slow(f"{self.in_flight} messages not receipted for "
-                          f"{time.monotonic() - self.receipt_at:.0f} s")
+        now = time.monotonic()
+        if self.held_since is None:
+            self.held_since = now
+        self._stalled(now)
         return False
 
     def _advance(self, st: ChatState, seq: int) -> None:

@@ -154,8 +154,8 @@ async def test_a_connection_stalled_at_the_limit_is_closed_as_a_slow_consumer() 
         for seq in range(1, 5):
             store.last = seq
             conn.deliver(frame(seq), None)
-        await settle(lambda: len(written(ws)) == 3)
-        assert not conn.closed  # at the limit, but not for long yet
+        await settle(lambda: len(written(ws)) == 3 and conn.held_since is not None)
+        assert not conn.closed  # held back, but not for long yet
         await asyncio.sleep(0.25)
         store.last = 5
         conn.deliver(frame(5), None)
@@ -175,10 +175,10 @@ async def test_redelivery_to_a_stalled_connection_closes_it_instead() -> None:
     store = Store()
     conn, ws = await open_connection(store, unreceipted_max=2, slow_consumer_s=0.1)
     try:
-        for seq in (1, 2):
+        for seq in (1, 2, 3):
             store.last = seq
             conn.deliver(frame(seq), None)
-        await settle(lambda: len(written(ws)) == 2)
+        await settle(lambda: len(written(ws)) == 2 and conn.held_since is not None)
         await asyncio.sleep(0.15)
         loop = asyncio.get_running_loop()
         assert conn.due_redelivery(loop.time() + 10**6, 0.0, 0.0) == []
@@ -199,5 +199,21 @@ async def test_an_overflowing_queue_of_unordered_frames_closes_the_connection() 
         assert ws.closed is not None and ws.closed[0] == SLOW_CONSUMER
         assert ws.frames[-1]["event"] == "slow_consumer"
         assert all(f["type"] != "ack" for f in ws.frames)  # the queue was never written
+    finally:
+        await conn.stop()
+
+
+async def test_a_burst_after_a_quiet_spell_is_not_held_against_the_client() -> None:
+    store = Store()
+    conn, ws = await open_connection(store, unreceipted_max=2, slow_consumer_s=0.1)
+    try:
+        await asyncio.sleep(0.2)  # connected, quiet for longer than slow_consumer_s
+        for seq in (1, 2, 3):
+            store.last = seq
+            conn.deliver(frame(seq), None)
+        await settle(lambda: len(written(ws)) == 2 and conn.held_since is not None)
+        conn.on_receipt(["m2"])  # within slow_consumer_s of the first message held
+        await settle(lambda: len(written(ws)) == 3)
+        assert not conn.closed and conn.held_since is None
     finally:
         await conn.stop()
