@@ -94,8 +94,8 @@ class ChatsApi:
     async def presence(self, request: Request) -> Response:
         try:
             await self.guard(request)
-            users = [u for u in request.query_params.getlist("userId") for u in u.split(",") if u]
-            if not users or len(users) > 500:
+            users = [u for item in request.query_params.getlist("userId") for u in item.split(",")]
+            if not users or len(users) > 500 or not all(u and storable(u) for u in users):
                 raise ApiError(400, "invalid", "give 1..500 userId values")
             found = await self.hub.presence(users)
             out = []

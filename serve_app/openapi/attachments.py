@@ -40,13 +40,13 @@ SCHEMAS: dict[str, Any] = {
             "error": ERROR_SCHEMA["properties"]["error"]}},
     "StorageEvent": {
         "type": "object", "required": ["Records"],
-        "description": "An S3 / MinIO bucket notification. Records that are not "
-                       "`s3:ObjectCreated:*` of a pending upload are counted as ignored.",
+        "description": "An S3 / MinIO bucket notification. A record is used when it is "
+                       "`{\"eventName\": \"s3:ObjectCreated:…\", \"s3\": {\"object\": "
+                       "{\"key\": …}}}` naming a pending upload; any other record, of any "
+                       "shape, is counted as ignored (one odd record does not fail the others).",
         "properties": {"Records": {"type": "array", "items": {
-            "type": "object", "properties": {
-                "eventName": {"type": "string", "examples": ["s3:ObjectCreated:Put"]},
-                "s3": {"type": "object", "properties": {"object": {
-                    "type": "object", "properties": {"key": {"type": "string"}}}}}}}}}},
+            "examples": [{"eventName": "s3:ObjectCreated:Put",
+                          "s3": {"object": {"key": "uploads/7d3e9f1a/cat.png"}}}]}}}},
     "StorageEventResult": {
         "type": "object", "required": ["processed", "ignored", "results"], "properties": {
             "processed": {"type": "integer"}, "ignored": {"type": "integer"},

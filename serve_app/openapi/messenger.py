@@ -162,12 +162,12 @@ def paths() -> dict[str, Any]:
             "parameters": [{
                 "name": "userId", "in": "query", "required": True, "style": "form",
                 "explode": True, "description": "Repeat it, or separate ids with commas "
-                                                "(1..500 ids).",
+                                                "(1..500 ids in all; no empty one).",
                 "schema": {"type": "array", "minItems": 1, "maxItems": 500, "items": {
-                    "type": "string", "minLength": 1, "pattern": "^[^,\\u0000]+$"}}}],
+                    "type": "string", "pattern": "^[^,\\u0000]+(,[^,\\u0000]+)*$"}}}],
             "responses": {
                 "200": ok("One entry per user asked.", ref("Presence"), PRESENCE_EXAMPLE),
-                "400": error_response("No user id, or more than 500.",
+                "400": error_response("No user id, an empty one, or more than 500.",
                                       ("invalid", "give 1..500 userId values")),
                 "401": unauthorized(), **common()}}},
     }

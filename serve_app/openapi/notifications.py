@@ -7,7 +7,7 @@ from http import HTTPStatus
 from typing import Any
 
 from deployments.notifications.idempotency import IDEMPOTENCY_KEY_PATTERN
-from serve_app.openapi.common import REF, secured
+from serve_app.openapi.common import REF, STORABLE, secured
 from stages.notifications import (
     EMAIL_PATTERN,
     MAX_CONTACTS,
@@ -145,7 +145,8 @@ def schemas(settings: Any = None) -> dict[str, Any]:
             "properties": {
                 "contacts": {"type": "array", "minItems": 1, "maxItems": max_contacts,
                              "items": {"$ref": REF + "Contact"}},
-                "message": {"type": "string", "minLength": 1, "maxLength": max_message},
+                "message": {"type": "string", "minLength": 1, "maxLength": max_message,
+                            "pattern": STORABLE, "description": "Any text but U+0000."},
                 "isImmediate": {"type": "boolean", "default": False},
                 "strategy": {"$ref": REF + "Strategy"},
             },
@@ -200,6 +201,10 @@ def schemas(settings: Any = None) -> dict[str, Any]:
             "detail": {"type": ["string", "null"]}, "durationMs": {"type": "number"},
             "at": {"type": "string", "format": "date-time"}}},
         "NotificationStatus": {"allOf": [{"$ref": REF + "Notification"}, {"type": "object", "properties": {
+            "updatedAt": {"type": "string", "format": "date-time"},
+            "finishedAt": {"type": ["string", "null"], "format": "date-time"},
+            "nextAttemptAt": {"type": ["string", "null"], "format": "date-time",
+                              "description": "When the next round is due (null once final)."},
             "state": {"type": "string", "enum": ["accepted", "processing", "delivered",
                                                  "partially_delivered", "failed"]},
             "channels": {"type": "array", "items": {"type": "object", "properties": {
@@ -210,7 +215,7 @@ def schemas(settings: Any = None) -> dict[str, Any]:
     return schemas
 
 
-# The first item's status (a 207's first item may be the refused one: then it is 404).
+# The first item's status (on 202 only: a 207's first item may be a refused one).
 STATUS_LINK = {"status": {"operationId": "getNotification",
                           "parameters": {"id": "$response.body#/details/0/notification/id"},
                           "description": "Delivery state of the first notification."}}
@@ -263,8 +268,7 @@ def paths() -> dict[str, Any]:
                         "links": STATUS_LINK},
                 "207": {"description": "Some notifications were accepted, some rejected.",
                         "content": {"application/json": {"schema": {"$ref": REF + "AcceptResult"},
-                                                         "examples": _examples("207")}},
-                        "links": STATUS_LINK},
+                                                         "examples": _examples("207")}}},
                 "400": {"description": "No notification passed validation (or the body is not "
                                        "JSON, or the array is empty or longer than 100).",
                         "content": {"application/json": {"schema": {"$ref": REF + "Problem"},

@@ -155,6 +155,8 @@ def validate_item(item: Any, limits: Limits = Limits()) -> tuple[dict[str, Any] 
         issues.append(_invalid_type("string", message, ["message"]))
     elif not message:
         issues.append(issue("too_small", "String must contain at least 1 character(s)", ["message"]))
+    elif "\x00" in message:  # PostgreSQL text cannot hold it
+        issues.append(issue("invalid_string", "String must not contain U+0000", ["message"]))
     elif len(message) > limits.max_message_chars:
         issues.append(issue("too_big",
                             f"String must contain at most {limits.max_message_chars} character(s)",
