@@ -40,6 +40,7 @@ from serve_app.asyncapi import CLIENT_TO_SERVER, asyncapi_document, message_for
 from serve_app.openapi import docs_routes, document
 from serve_app.web import web_client_routes
 from settings import Settings
+from stages.notifications import validate_item
 
 HERE = Path(__file__).parent
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -328,3 +329,15 @@ def test_every_close_code_the_gateway_uses_is_documented() -> None:
     assert set(documented) == codes
     assert all(code in asyncapi_document()["channels"]["socket"]["description"]
                for code in codes)
+
+
+def test_a_notification_message_with_nul_is_refused_by_the_server_and_its_schema() -> None:
+    item = {"contacts": [{"type": "email", "value": "a@b.co"}], "message": "a\x00b"}
+    normalised, issues = validate_item(item)
+    assert normalised is None
+    assert issues == [{"code": "invalid_string", "message": "String must not contain U+0000",
+                       "path": ["message"]}]
+    doc = document()
+    schema = Draft202012Validator({"$ref": "#/components/schemas/IncomingNotification",
+                                   "components": doc["components"]})
+    assert not schema.is_valid(item) and schema.is_valid({**item, "message": "ab"})
