@@ -43,11 +43,15 @@ class PostgresAttachments:
         return out
 
     async def get(self, ids: Sequence[str]) -> dict[str, AttachmentRecord]:
+        # An id with U+0000 names nothing (PostgreSQL text cannot hold one): not a query error.
+        storable = [i for i in ids if "\x00" not in i]
         rows = await self.pool.fetch("SELECT * FROM attachments WHERE id = ANY($1::text[])",
-                                     list(ids))
+                                     storable)
         return {r["id"]: attachment_of(r) for r in rows}
 
     async def by_key(self, key: str) -> AttachmentRecord | None:
+        if "\x00" in key:  # no object key holds one
+            return None
         row = await self.pool.fetchrow("SELECT * FROM attachments WHERE object_key = $1", key)
         return attachment_of(row) if row else None
 
