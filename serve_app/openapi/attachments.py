@@ -20,6 +20,7 @@ from serve_app.openapi.common import (
 )
 
 ATTACHMENT_ID = "7d3e9f1a-2b4c-4d6e-8f01-a2b3c4d5e6f7"
+CHAT_ID = "6f1c2a9e-3b7d-4e55-9a0c-2d8e4b1f7a63"
 MESSAGE_ID = "1b2c3d4e-5f60-4718-8293-a4b5c6d7e8f9"
 STATES = ["pending", "verifying", "ready", "rejected", "expired", "deleted"]
 
@@ -46,7 +47,7 @@ SCHEMAS: dict[str, Any] = {
                        "shape, is counted as ignored (one odd record does not fail the others).",
         "properties": {"Records": {"type": "array", "items": {
             "examples": [{"eventName": "s3:ObjectCreated:Put",
-                          "s3": {"object": {"key": "uploads/7d3e9f1a/cat.png"}}}]}}}},
+                          "s3": {"object": {"key": f"{CHAT_ID}/{ATTACHMENT_ID}/cat.png"}}}]}}}},
     "StorageEventResult": {
         "type": "object", "required": ["processed", "ignored", "results"], "properties": {
             "processed": {"type": "integer"}, "ignored": {"type": "integer"},

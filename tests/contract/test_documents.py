@@ -341,3 +341,26 @@ def test_a_notification_message_with_nul_is_refused_by_the_server_and_its_schema
     schema = Draft202012Validator({"$ref": "#/components/schemas/IncomingNotification",
                                    "components": doc["components"]})
     assert not schema.is_valid(item) and schema.is_valid({**item, "message": "ab"})
+
+
+async def test_every_documented_path_answers_other_methods_405_with_its_documented_allow(
+        tmp_path: Path) -> None:
+    """On the gateway's real route list: a method the document does not give a path is
+    refused before any handler runs, and ``Allow`` is exactly the documented methods."""
+    app = wrap(Starlette(routes=gateway_routes(tmp_path), exception_handlers=EXCEPTION_HANDLERS),
+               timeout_s=5, max_body_bytes=1000)
+    transport = httpx.ASGITransport(app=app)
+    checked = 0
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+        for path, item in document()["paths"].items():
+            concrete = re.sub(r"\{\w+\}", "x", path)
+            documented_methods = {m.upper() for m in item}
+            allow = documented_methods | ({"HEAD"} if "GET" in documented_methods else set())
+            for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+                if method in documented_methods:
+                    continue
+                r = await c.request(method, concrete)
+                assert r.status_code == 405, (method, path, r.status_code)
+                assert set(r.headers["allow"].split(", ")) == allow, (method, path)
+                checked += 1
+    assert checked > 80
