@@ -114,9 +114,9 @@ class Settings(BaseSettings):
     inbound_buffer: int = Field(default=2048, description=(
         "Bounded inbound buffer per gateway replica and message type."))
     connection_queue: int = Field(default=1024, description=(
-        "Outbound frames queued per connection before live delivery falls back to catch-up; "
-        "a frame outside a chat's seq stream (ack, signal, system...) finding it full closes "
-        "the connection as a slow consumer (close code 4408)."))
+        "Outbound frames queued per connection, of each kind: chat messages beyond it are "
+        "read back from the store later (catch-up); other frames (acks, signals, system...) "
+        "beyond it close the connection as a slow consumer (close code 4408)."))
     connection_unreceipted_max: int = Field(default=1024, ge=1, description=(
         "Messages and command events written to one connection and not receipted yet; "
         "beyond it the connection's chats wait in the store and are written as receipts "

@@ -17,8 +17,9 @@ its receipts. A connection holds at most ``unreceipted_max`` written and not rec
 messages; past that its chats wait in the store (``held``) and are written as receipts
 come. A connection held back for ``slow_consumer_s`` without a receipt moving anything
 (from the first message held, so a burst after a quiet spell is not held against it), or
-one whose outbound queue overflows with a frame that cannot be read back from the store (ack,
-signal, system...), gets a ``system`` ``slow_consumer`` frame and is closed with 4408.
+one with ``queue_size`` frames that cannot be read back from the store (acks, signals,
+system frames...) queued and not written yet, gets a ``system`` ``slow_consumer`` frame
+and is closed with 4408.
 """
 
 from __future__ import annotations
@@ -92,7 +93,12 @@ class Connection:
         self.id = str(uuid.uuid4())
         self.chats_store = chats
         self.messages = messages
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(queue_size)
+        # One queue in order, bounded per kind: ``queue_size`` chat-stream items (beyond:
+        # read back from the store later) and ``queue_size`` other frames (beyond: the
+        # client is not keeping up). A burst of messages never crowds out an ack.
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.queue_size = queue_size
+        self.queued = {"frame": 0, "stream": 0}
         self.chats: dict[str, ChatState] = {}
         # Store times of messages written here and not yet read, for read latency: a
         # "delivered" receipt retires ``ChatState.sent``, a "read" one may come much later.
@@ -136,12 +142,13 @@ class Connection:
         queue means the client is not keeping up: it is closed as a slow consumer."""
         if self.closed:
             return
-        try:
-            self.queue.put_nowait(("frame", frame))
-        except asyncio.QueueFull:
+        if self.queued["frame"] >= self.queue_size:
             if self.on_drop is not None:
                 self.on_drop(str(frame.get("type")), "queue_full")
-            self.too_slow(f"outbound queue full ({self.queue.maxsize} frames)")
+            self.too_slow(f"outbound queue full ({self.queue_size} frames)")
+            return
+        self.queued["frame"] += 1
+        self.queue.put_nowait(("frame", frame))
 
     def too_slow(self, why: str) -> None:
         """Close this connection as a slow consumer: nothing more is queued or written
@@ -186,16 +193,18 @@ class Connection:
         was sent from. If the queue is full the message is read back from the store."""
         if self.closed:
             return
-        try:
-            self.queue.put_nowait(("message", (frame, skip)))
-        except asyncio.QueueFull:
+        if self.queued["stream"] >= self.queue_size:
             self.lagging.add(frame["chatId"])
+            return
+        self.queued["stream"] += 1
+        self.queue.put_nowait(("message", (frame, skip)))
 
     def catch_up(self, chat_id: str) -> None:
-        try:
-            self.queue.put_nowait(("catchup", chat_id))
-        except asyncio.QueueFull:
+        if self.queued["stream"] >= self.queue_size:
             self.lagging.add(chat_id)
+            return
+        self.queued["stream"] += 1
+        self.queue.put_nowait(("catchup", chat_id))
 
     def init_chats(self, pointers: list[Any]) -> None:
         for p in pointers:
@@ -368,6 +377,7 @@ class Connection:
     async def _write_loop(self) -> None:
         while not self.closed:
             kind, item = await self.queue.get()
+            self.queued["frame" if kind == "frame" else "stream"] -= 1
             try:
                 if kind == "frame":
                     await self._write(item)

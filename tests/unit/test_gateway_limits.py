@@ -217,3 +217,20 @@ async def test_a_burst_after_a_quiet_spell_is_not_held_against_the_client() -> N
         assert not conn.closed and conn.held_since is None
     finally:
         await conn.stop()
+
+
+async def test_a_burst_of_messages_does_not_crowd_out_other_frames() -> None:
+    store = Store()
+    conn, ws = await open_connection(store, queue_size=4)
+    try:
+        store.last = 10
+        for seq in range(1, 11):  # more than the queue takes: the rest is read back
+            conn.deliver(frame(seq), None)
+        for i in range(4):
+            conn.send({"type": "ack", "id": str(i), "status": "accepted"})
+        assert not conn.closed
+        await settle(lambda: len(written(ws)) == 10
+                     and sum(f["type"] == "ack" for f in ws.frames) == 4)
+        assert written(ws) == list(range(1, 11))
+    finally:
+        await conn.stop()
