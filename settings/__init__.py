@@ -117,10 +117,11 @@ class Settings(BaseSettings):
         "Outbound frames queued per connection, of each kind: chat messages beyond it are "
         "read back from the store later (catch-up); other frames (acks, signals, system...) "
         "beyond it close the connection as a slow consumer (close code 4408)."))
-    connection_unreceipted_max: int = Field(default=1024, ge=1, description=(
+    connection_unreceipted_max: int = Field(default=256, ge=1, description=(
         "Messages and command events written to one connection and not receipted yet; "
         "beyond it the connection's chats wait in the store and are written as receipts "
-        "come (no memory is spent on a client that does not read)."))
+        "come. Writes never wait for the client behind Serve's proxy, so this bounds what a "
+        "client that does not read holds in the proxy: at most this many messages."))
     slow_consumer_s: float = Field(default=30.0, gt=0, description=(
         "A connection at its `connection_unreceipted_max` that sends no receipt for this "
         "long is closed as a slow consumer (`system` `slow_consumer`, close code 4408)."))

@@ -81,7 +81,7 @@ class Connection:
         on_write: Callable[[str], None] | None = None,
         on_drop: Callable[[str, str], None] | None = None,
         on_hop: Callable[[str, float], None] | None = None,
-        unreceipted_max: int = 1024,
+        unreceipted_max: int = 256,
         slow_consumer_s: float = 30.0,
         on_slow: Callable[[str], None] | None = None,
     ) -> None:
