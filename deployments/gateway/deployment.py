@@ -211,16 +211,18 @@ class Gateway:
             message = await conn.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            frame: dict[str, Any] | None = None
             try:
-                await self._on_frame(conn, read_frame(message, self.settings.max_frame_bytes))
+                frame = read_frame(message, self.settings.max_frame_bytes)
+                await self._on_frame(conn, frame)
             except FrameError as exc:
                 conn.send(exc.frame())
             except Exception:
                 # A fault of ours (a store unreachable during a sync...): the frame is
                 # answered and the socket stays usable.
                 log.exception("frame of %s failed", conn.user_id)
-                conn.send({"type": "error", "code": "internal",
-                           "message": "the server failed to handle this frame"})
+                conn.send(FrameError("internal", "the server failed to handle this frame",
+                                     None if frame is None else frame_id(frame)).frame())
 
     async def _on_frame(self, conn: Connection, frame: dict[str, Any]) -> None:
         ftype: str = frame["type"]
