@@ -2,13 +2,15 @@
 user's credits, so most batches are debited without a call to the bank.
 
 A gateway takes what a batch is missing of a user's credits from the bank (``lease``)
-and spends it locally; a user's lease that falls below half of ``lease_size`` is topped
-up in the background, one bank call for every such user, so the next batches need no
-call at all.
+and spends it locally; a user's lease that falls below half of its size is topped up in
+the background, one bank call for every such user, so the next batches need no call at
+all. A lease starts at ``lease_size``; each time a user's batch finds it dry (a bank call
+or a wait for the top-up on the batch's path) it doubles, up to ``max_lease``, so a busy
+sender needs about one bank call per lease rather than one per batch.
 The cluster-wide limit still holds: a credit is spent only after the bank handed it out,
 so all gateways together never spend more than the bank's buckets allow. What a lease
 costs: credits leased to one gateway cannot be spent on another, so a user switching
-gateways may be refused up to ``lease_size`` credits early until the idle lease is given
+gateways may be refused up to a lease's size of credits early until the idle lease is given
 back (``refund`` after ``idle_s`` without use, or when the process stops). A lost
 process loses its leases (the bank errs, as everywhere, towards letting people talk:
 those credits are simply gone until the next refill).
@@ -44,12 +46,15 @@ class _Held:
     credits: int = 0
     bank_left: int = 0  # what the bank said was left at the last lease (for credits_low)
     used_at: float = field(default_factory=time.monotonic)
+    size: int = 0  # this user's lease size (grows while the lease runs dry)
 
 
 class LeasedCredits:
-    def __init__(self, bank: LeasingBank, lease_size: int = 10, idle_s: float = 30.0) -> None:
+    def __init__(self, bank: LeasingBank, lease_size: int = 10, idle_s: float = 30.0,
+                 max_lease: int = 1000) -> None:
         self.bank = bank
         self.lease_size = max(1, lease_size)
+        self.max_lease = max(self.lease_size, max_lease)
         self.idle_s = idle_s
         self.held: dict[str, _Held] = {}
         self.bank_calls = 0
@@ -60,8 +65,11 @@ class LeasedCredits:
         need: dict[str, int] = {}
         for user, cost in requests:
             need[user] = need.get(user, 0) + cost
-        if self._topping is not None and not self._topping.done() and any(
-                self._held(u).credits < n for u, n in need.items()):
+        # A lease that ran dry (not a first one) was too small for this user's pace.
+        for user in [u for u, n in need.items() if u in self.held and self.held[u].credits < n]:
+            self.held[user].size = min(self.held[user].size * 2, self.max_lease)
+        dry = [u for u, n in need.items() if self._held(u).credits < n]
+        if dry and self._topping is not None and not self._topping.done():
             # A top-up on its way may cover what is short: wait for it rather than race it
             # at the bank (which could refuse now what the top-up is bringing).
             await asyncio.shield(self._topping)
@@ -89,7 +97,7 @@ class LeasedCredits:
     def _held(self, user: str) -> _Held:
         h = self.held.get(user)
         if h is None:
-            h = self.held[user] = _Held()
+            h = self.held[user] = _Held(size=self.lease_size)
         return h
 
     async def _lease(self, wants: list[tuple[str, int]]) -> list[Lease]:
@@ -103,8 +111,8 @@ class LeasedCredits:
 
     def _top_up_soon(self) -> None:
         """Leases below half are topped up in the background (one bank call)."""
-        low = [(u, self.lease_size - h.credits) for u, h in self.held.items()
-               if h.credits < self.lease_size // 2 and h.bank_left > 0]
+        low = [(u, h.size - h.credits) for u, h in self.held.items()
+               if h.credits < h.size // 2 and h.bank_left > 0]
         if not low or (self._topping is not None and not self._topping.done()):
             return
         self._topping = asyncio.get_running_loop().create_task(self._top_up(low))

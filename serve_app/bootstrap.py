@@ -98,7 +98,8 @@ def credit_bank(s: Settings) -> CreditBank:
     """The sharded bank, behind a per-process lease of each active user's credits."""
     bank = CreditBankClient(s.credit_shards, s.credit_capacity, s.credit_refill,
                             s.credit_interval_s, s.state_actor_prefix)
-    return LeasedCredits(bank, s.credit_lease, s.credit_lease_idle_s) if s.credit_lease else bank
+    return (LeasedCredits(bank, s.credit_lease, s.credit_lease_idle_s, s.credit_lease_max)
+            if s.credit_lease else bank)
 
 
 def object_store(s: Settings) -> S3ObjectStore | LocalObjectStore:

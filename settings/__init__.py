@@ -161,6 +161,10 @@ class Settings(BaseSettings):
         "Credits a gateway leases from the bank per active user and spends locally, so most "
         "batches need no bank call (topped up in the background below half). 0: every "
         "batch asks the bank. The cluster-wide limit holds either way."))
+    credit_lease_max: int = Field(default=1000, ge=1, description=(
+        "A user whose lease runs dry gets one twice as large, up to this (a busy sender "
+        "then needs about one bank call per lease, not one per batch). Credits leased to "
+        "one gateway are spendable only there until given back."))
     credit_lease_idle_s: float = Field(default=30.0, description=(
         "A lease unused this long goes back to the bank (a user who moved to another "
         "gateway gets those credits back there)."))

@@ -46,6 +46,28 @@ async def test_batches_are_debited_locally_once_a_lease_is_held() -> None:
     assert len(bank.calls) == calls  # spent from the lease, no bank call
 
 
+async def test_a_lease_that_runs_dry_grows_so_a_busy_sender_rarely_calls_the_bank() -> None:
+    bank = Bank(capacity=10_000, refill=10_000)
+    credits = LeasedCredits(bank, lease_size=2, max_lease=64)
+    on_path = []  # bank calls a batch waited for (the background top-ups are not counted)
+    for _ in range(20):
+        before = len(bank.calls)
+        assert all(d.granted for d in await credits.debit([("alice", 1)] * 10))
+        on_path.append(len(bank.calls) - before)
+        await settle()
+    # 2 → 4 → 8 → 16: doubled each time a batch found it dry, until it covers a batch.
+    assert credits.held["alice"].size == 16
+    assert on_path[:4] == [1, 1, 1, 1] and sum(on_path[4:]) == 0
+    # Everything leased is accounted for: spent (200) or held.
+    taken = sum(n for call in bank.calls for _, n in call)
+    assert taken - credits.held["alice"].credits == 200
+    capped = LeasedCredits(Bank(capacity=10_000, refill=10_000), lease_size=2, max_lease=5)
+    for _ in range(5):
+        await capped.debit([("bob", 1)] * 10)
+        await settle()
+    assert capped.held["bob"].size == 5
+
+
 async def test_two_gateways_together_never_spend_more_than_the_bank_holds() -> None:
     bank = Bank(capacity=20, refill=20, interval_s=10.0)
     a, b = LeasedCredits(bank, lease_size=6), LeasedCredits(bank, lease_size=6)
