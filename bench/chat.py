@@ -838,7 +838,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with stdout_to_stderr() as real_stdout:
         out = _measure(args)
-        os.write(real_stdout, orjson.dumps(out, option=orjson.OPT_INDENT_2) + b"\n")
+        os.write(real_stdout, orjson.dumps(out, option=orjson.OPT_INDENT_2, default=str) + b"\n")
 
 
 def _measure(args: argparse.Namespace) -> dict[str, Any]:

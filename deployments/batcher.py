@@ -2,7 +2,7 @@
 
 It hands batches to the runner one at a time, so a connection's messages keep their
 order. What arrives while a batch runs forms the next batch; a lone message after a quiet
-spell goes at once, and under load the batcher waits up to ``batch_wait_ms`` for company.
+spell goes at once, and under load the batcher waits ``batch_wait_ms`` for company.
 Durable batches are retried from the segment that failed; droppable ones are dropped
 (counted) when a stage refuses them.
 """
@@ -87,9 +87,10 @@ class TypeBatcher:
         while True:
             first = await self.queue.get()
             # Idle (the last batch was a lone item): flush at once, no fixed wait. Under
-            # load (the last batch had company) and nothing queued behind this item yet:
-            # wait a moment for more, so the next call carries a batch.
-            if self.wait_s > 0 and self._loaded and self.queue.empty():
+            # load (the last batch had company): wait a moment for more, so each call
+            # carries a full batch (shipping only what is queued already makes more,
+            # smaller calls, and the calls are what costs).
+            if self.wait_s > 0 and self._loaded:
                 await asyncio.sleep(self.wait_s)
             batch = [first]
             while len(batch) < self.max_batch:
