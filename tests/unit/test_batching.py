@@ -243,11 +243,15 @@ def test_overload_is_announced_once_per_episode_per_connection() -> None:
     assert conn.overload_started("chat")
 
 
-def test_frames_a_full_socket_queue_drops_are_reported() -> None:
+async def test_a_frame_a_full_socket_queue_drops_is_reported_and_the_socket_closed() -> None:
     dropped: list[tuple[str, str]] = []
     conn = Connection(None, "u", None, None, queue_size=2,  # type: ignore[arg-type]
                       implicit_receipt=lambda u, m: None,
                       on_drop=lambda t, r: dropped.append((t, r)))
     for i in range(4):
         conn.send({"type": "signal", "id": str(i)})
-    assert dropped == [("signal", "queue_full"), ("signal", "queue_full")]
+    # The first frame that does not fit closes the socket (a slow consumer): later ones
+    # are not queued, nor reported again.
+    assert dropped == [("signal", "queue_full")]
+    assert conn.closed and conn.slow is not None
+    await conn.stop()
