@@ -750,11 +750,14 @@ async def measure_uvicorn_echo(load: Load) -> dict[str, Any]:
                     if (await http.get("/health/ready")).status_code == 200:
                         break
                 await asyncio.sleep(0.1)
+        if proc.returncode is not None:
+            raise RuntimeError(f"python -m bench.echo exited with {proc.returncode}")
         target = Target("echo-uvicorn", base, f"ws://127.0.0.1:{port}/v1/ws", lambda u: u,
                         verify=False)
         return await load.run(target)
     finally:
-        proc.terminate()
+        if proc.returncode is None:
+            proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)
 
 

@@ -34,9 +34,9 @@ def _bearer(request: Request) -> str:
     return request.headers.get("authorization", "").removeprefix("Bearer ").strip()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=2000)
-@serve.ingress()
-class EchoRelay:
+class EchoState:
+    """The relay itself: chats, sequence numbers and sockets, as a Starlette app."""
+
     def __init__(self) -> None:
         self.members: dict[str, list[str]] = {}
         self.seq: dict[str, int] = {}
@@ -108,6 +108,12 @@ class EchoRelay:
                     del self.sockets[user]
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=2000)
+@serve.ingress()
+class EchoRelay(EchoState):
+    """The relay as a Serve deployment, behind Serve's proxy."""
+
+
 echo_app = EchoRelay.bind()
 
 
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.echo")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
-    relay = EchoRelay.func_or_class()
+    relay = EchoState()
     uvicorn.run(relay.__serve_build_asgi_app__(), host="127.0.0.1", port=args.port,
                 log_level="warning", ws_per_message_deflate=False)
 
