@@ -83,7 +83,8 @@ def default_registry() -> StageRegistry:
     reg.register("cache_chat", lambda o, p: CacheChat(p.cache, p.outages))
     reg.register("deliver_chat", lambda o, p: DeliverChat(
         need(p.hub, "hub", "deliver_chat"), need(p.outbox, "outbox", "deliver_chat"),
-        bool(o.get("local", False)), p.outages))
+        bool(o.get("local", False)), p.outages, bool(o.get("detached", False)),
+        int(o.get("max_detached", 64))))
     reg.register("deliver_local", lambda o, p: DeliverLocal(
         need(p.local_delivery, "local_delivery", "deliver_local")))
     reg.register("apply_receipts", lambda o, p: ApplyReceipts(

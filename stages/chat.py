@@ -155,16 +155,27 @@ class DeliverChat:
     their outbox entries. Members without a connection get them on reconnect; a crash
     before ``Outbox.done`` leaves the entries for the relay (at-least-once). With
     ``local``, the hub leaves the sender's gateway replica out: ``deliver_local`` there
-    writes to its sockets without a round trip through the hub."""
+    writes to its sockets without a round trip through the hub.
+
+    With ``detached``, the hub call and ``Outbox.done`` run after the stage returns, so the
+    ack (which follows the commit, not the delivery) does not wait for them. Batches still
+    reach the hub in the order they were stored (each call is submitted before the next
+    batch's), and at most ``max_detached`` batches are on their way at once: beyond that a
+    batch waits for its own delivery, which is the backpressure. What a crash loses on the
+    way, the outbox relay delivers."""
 
     name = "deliver_chat"
 
     def __init__(self, hub: DeliveryHub, outbox: Outbox, local: bool = False,
-                 outages: Outages | None = None) -> None:
+                 outages: Outages | None = None, detached: bool = False,
+                 max_detached: int = 64) -> None:
         self.hub = hub
         self.outbox = outbox
         self.local = local
         self.outages = outages
+        self.detached = detached
+        self.max_detached = max_detached
+        self._on_the_way: set[asyncio.Task[None]] = set()
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         deliveries: list[Delivery] = []
@@ -175,11 +186,22 @@ class DeliverChat:
             deliveries.append(delivery_of(env, self.local))
             if env.meta.get("outboxId") is not None:
                 outbox_ids.add(int(env.meta["outboxId"]))
+        if deliveries or outbox_ids:
+            if self.detached and len(self._on_the_way) < self.max_detached:
+                task = asyncio.create_task(self._deliver(deliveries, sorted(outbox_ids)))
+                self._on_the_way.add(task)
+                task.add_done_callback(self._on_the_way.discard)
+            else:
+                await self._deliver(deliveries, sorted(outbox_ids))
+        # Not settled: stages after delivery (the ack) still run for these items.
+        return [Outcome.ok(e) for e in batch]
+
+    async def _deliver(self, deliveries: list[Delivery], outbox_ids: list[int]) -> None:
         try:
             if deliveries:
                 await self.hub.publish(deliveries)
             if outbox_ids:
-                await self.outbox.done(sorted(outbox_ids))
+                await self.outbox.done(outbox_ids)
         except Exception as exc:
             # The messages are stored and their outbox entries kept: the relay delivers
             # them after its grace period. Failing here would make the caller retry the
@@ -188,8 +210,6 @@ class DeliverChat:
                         len(deliveries), exc)
             if self.outages is not None:
                 self.outages.unavailable("hub", self.name, len(deliveries))
-        # Not settled: stages after delivery (the ack) still run for these items.
-        return [Outcome.ok(e) for e in batch]
 
 
 class DeliverLocal:

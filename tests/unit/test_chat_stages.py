@@ -153,3 +153,38 @@ async def test_a_hub_outage_leaves_delivery_to_the_outbox_without_failing_the_ba
     # The batch goes on to its ack; the entry stays for the relay to deliver.
     assert out.verdict is Verdict.CONTINUE and outbox.done_ids == []
     assert outages.reports == [("hub", "deliver_chat", 1)]
+
+
+async def test_detached_delivery_returns_before_the_hub_and_keeps_the_batches_order() -> None:
+    import asyncio
+
+    gate = asyncio.Event()
+
+    class SlowHub(FakeHub):
+        """Takes each call in order (as an actor does) but answers only when let."""
+
+        async def publish(self, deliveries: Sequence[Any]) -> None:
+            self.published.extend(deliveries)
+            await gate.wait()
+
+    store, outbox, hub = FakeMessages(), FakeOutbox(), SlowHub()
+    stage = DeliverChat(hub, outbox, detached=True, max_detached=2)
+    batches = []
+    for name in ("a", "b", "c"):
+        env = chat(name)
+        env.meta["members"] = ["alice", "bob"]
+        (persisted,) = await PersistChat(store).process([env])
+        batches.append(persisted.envelope)
+    # Two batches go on without waiting for the hub; the third is over the bound and
+    # waits for its own delivery.
+    for env in batches[:2]:
+        (out,) = await asyncio.wait_for(stage.process([env]), 1)
+        assert out.verdict is Verdict.CONTINUE
+    third = asyncio.create_task(stage.process([batches[2]]))
+    await asyncio.sleep(0.05)
+    assert not third.done() and outbox.done_ids == []
+    gate.set()
+    await asyncio.wait_for(third, 1)
+    await asyncio.sleep(0)
+    assert [d.frame["seq"] for d in hub.published] == [1, 2, 3]
+    assert sorted(outbox.done_ids) == sorted(e.meta["outboxId"] for e in batches)
