@@ -19,10 +19,13 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["load_sweep", "autoscaling"])
-def test_notebook_runs_headless_and_saves_its_figure(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    figure = NOTEBOOKS / "figures" / f"{name}.png"
-    figure.unlink(missing_ok=True)
+@pytest.mark.parametrize(("name", "figures"), [
+    ("load_sweep", ["load_sweep", "latency_vs_offered"]), ("autoscaling", ["autoscaling"])])
+def test_notebook_runs_headless_and_saves_its_figures(name: str, figures: list[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = [NOTEBOOKS / "figures" / f"{f}.png" for f in figures]
+    for figure in paths:
+        figure.unlink(missing_ok=True)
     monkeypatch.setenv("NOTEBOOK_SIZE", "tiny")
     for attempt in range(2):
         nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
@@ -36,7 +39,8 @@ def test_notebook_runs_headless_and_saves_its_figure(name: str, monkeypatch: pyt
             # The kernel (and the Ray it started) is gone: run the notebook again, once.
             if attempt or "timed out during startup" not in str(exc):
                 raise
-    assert figure.exists() and figure.stat().st_size > 5_000
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                       for o in c.get("outputs", []))
-    assert f"saved {figure}" in printed
+    for figure in paths:
+        assert figure.exists() and figure.stat().st_size > 5_000
+        assert f"saved {figure}" in printed
