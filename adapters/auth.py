@@ -1,13 +1,16 @@
 """JWT authentication: RS256 tokens verified against a JWKS (Keycloak) or the dev key.
 
 Guarantees: only RS256 is accepted (``alg: none`` and HS256 are refused whatever key they
-name); ``exp`` is required; issuer and audience (``aud`` or ``azp``) are checked when
-configured. JWKS are fetched with an async HTTP client (the event loop is never blocked),
-one fetch at a time whatever the number of waiting requests, and cached; a stale cache is
-refreshed in the background while the last good keys keep serving; a failed fetch is not
-retried before ``min_refetch_s`` (doubling while it keeps failing), so an unreachable JWKS
-costs one fetch per back-off period, not one per request; an unknown ``kid`` triggers at
-most one refetch per ``min_refetch_s``. No usable key at all (the JWKS never answered) is a
+name); the key is chosen by the server, never by the token (``jku``, ``x5u`` and an
+embedded ``jwk`` are ignored; a ``kid`` the key set does not hold is refused, with the dev
+key too); ``exp`` is required, and a token is refused before its ``nbf`` or ``iat`` (both
+with ``leeway_s``); issuer and audience (``aud`` or ``azp``) are checked when configured.
+JWKS are fetched with an async HTTP client (the event loop is never blocked), one fetch at
+a time whatever the number of waiting requests, and cached; a stale cache is refreshed in
+the background while the last good keys keep serving; a failed fetch is not retried before
+``min_refetch_s`` (doubling while it keeps failing), so an unreachable JWKS costs one
+fetch per back-off period, not one per request; an unknown ``kid`` triggers at most one
+refetch per ``min_refetch_s``. No usable key at all (the JWKS never answered) is a
 server-side error (status 500, ``jwks_unavailable``), not the client's fault.
 """
 
@@ -273,6 +276,9 @@ class JwtVerifier:
                 raise AuthError("invalid_token", "token names no known key", reason="unknown_key")
         else:
             assert self.dev_key is not None
+            if header.get("kid", DEV_KID) != DEV_KID:
+                raise AuthError("invalid_token", "token signed by an unknown key",
+                                reason="unknown_key")
             key = self.dev_key.public_key
         try:
             claims: dict[str, Any] = jwt.decode(
@@ -285,6 +291,8 @@ class JwtVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token_expired", "token has expired", reason="expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("invalid_token", "token is not valid yet", reason="invalid") from None
         except jwt.InvalidIssuerError:
             raise AuthError("invalid_token", "token issuer is not accepted", reason="issuer") from None
         except jwt.PyJWTError as exc:
