@@ -24,6 +24,21 @@ from stages.ports import AttachmentStore, ChatStore, ObjectStore
 Guard = Callable[[Request], Awaitable[Principal]]
 
 
+def created_key(record: Any) -> str | None:
+    """The object key of an ``s3:ObjectCreated:*`` record of a bucket notification; None
+    for any other event and for a record not shaped like one (it is ignored, not an error:
+    one odd record does not fail the others)."""
+    if not isinstance(record, dict):
+        return None
+    name, s3 = record.get("eventName"), record.get("s3")
+    obj = s3.get("object") if isinstance(s3, dict) else None
+    key = obj.get("key") if isinstance(obj, dict) else None
+    if not isinstance(name, str) or not name.startswith("s3:ObjectCreated") \
+            or not isinstance(key, str) or not key:
+        return None
+    return unquote_plus(key)
+
+
 class AttachmentsApi:
     def __init__(self, attachments: AttachmentStore, objects: ObjectStore, chats: ChatStore,
                  runner: PipelineRunner, guard: Guard, webhook_secret: str | None,
@@ -81,15 +96,9 @@ class AttachmentsApi:
         found: list[tuple[str, str]] = []
         ignored = 0
         for rec in records:
-            try:
-                name = rec["eventName"]
-                key = unquote_plus(rec["s3"]["object"]["key"])
-            except (KeyError, TypeError):
-                ignored += 1
-                continue
-            att = await self.attachments.by_key(key) if name.startswith(
-                "s3:ObjectCreated") else None
-            if att is None:
+            key = created_key(rec)
+            att = await self.attachments.by_key(key) if key is not None else None
+            if att is None or (att.id, att.uploader) in found:  # a repeat counts once
                 ignored += 1
                 continue
             found.append((att.id, att.uploader))
