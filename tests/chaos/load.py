@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from client import ClientError, HttpClient, WsClient, create_chat
@@ -36,12 +38,14 @@ Frame = dict[str, Any]
 RETRYABLE = ("credits_exhausted", "overloaded")
 # What a client may meet while the server is partly down: it retries.
 TRANSIENT = (ClientError, ConnectionClosed, InvalidHandshake, OSError, TimeoutError)
+PNG = b"\x89PNG\r\n\x1a\n"  # what a declared image/png must start with
 
 
 @dataclass
 class Shape:
     """How much load: ``chats`` × (``senders`` + ``readers``) users, ``messages`` per
-    sender at ``rate`` per second each."""
+    sender at ``rate`` per second each, and ``attachments`` per sender spread over the
+    run (announced, uploaded, confirmed with ``/complete``)."""
 
     chats: int = 2
     senders: int = 2
@@ -51,6 +55,7 @@ class Shape:
     ack_timeout_s: float = 8.0
     receipt_every_s: float = 0.2
     settle_s: float = 90.0
+    attachments: int = 0
 
 
 @dataclass
@@ -74,6 +79,8 @@ class Peer:
     refused: dict[str, Frame] = field(default_factory=dict)
     got: set[str] = field(default_factory=set)  # message ids received (live or catch-up)
     to_receipt: list[str] = field(default_factory=list)
+    announcing: dict[str, asyncio.Future[Frame]] = field(default_factory=dict)  # attachment acks
+    uploads: int = 0  # attachments still on their way (announce, upload, complete)
     reconnects: int = 0
     lost_at: list[float] = field(default_factory=list)  # when each connection broke
     back_at: list[float] = field(default_factory=list)  # when each reconnect completed
@@ -131,6 +138,8 @@ class ChatLoad:
                             asyncio.create_task(self._receipts(p)),
                             asyncio.create_task(self._resend(p))]
         senders = [asyncio.create_task(self._send(p)) for p in self.peers if p.sends]
+        senders += [asyncio.create_task(self._attach(p, k)) for p in self.peers if p.sends
+                    for k in range(self.shape.attachments)]
         try:
             if during is not None:
                 await asyncio.gather(during(), *senders)
@@ -147,7 +156,7 @@ class ChatLoad:
 
     def _settled(self) -> bool:
         """No frame pending, and every acked message reached every other member."""
-        if any(p.pending for p in self.peers):
+        if any(p.pending or p.uploads for p in self.peers):
             return False
         acked = [(str(a["messageId"]), str(a.get("chatId")), p.user)
                  for p in self.peers for a in p.acked.values()]
@@ -171,6 +180,89 @@ class ChatLoad:
         item.sent_at = time.monotonic()
         with contextlib.suppress(*TRANSIENT):
             await peer.client.chat(item.chat, item.body, cid)
+
+    # --- attachments ----------------------------------------------------------------------
+    async def _attach(self, peer: Peer, k: int) -> None:
+        """The ``k``-th attachment of ``peer``, due at its share of the run: announced
+        (resent with the same id until acked), uploaded, and confirmed with ``/complete``
+        until the server says ready or refused."""
+        s = self.shape
+        peer.uploads += 1
+        try:
+            await asyncio.sleep((k + 0.5) * s.messages / s.rate / s.attachments)
+            cid = f"{peer.user}-a{k}"
+            data = PNG + os.urandom(56)
+            ack = await self._announce(peer, cid, peer.chats[k % len(peer.chats)], len(data))
+            if ack.get("status") not in ("accepted", "duplicate"):
+                return
+            aid = str(ack["attachmentId"])
+            async with httpx.AsyncClient(timeout=10) as http:
+                await self._until_ok(lambda: http.put(
+                    ack["uploadUrl"], content=data, headers={"Content-Type": "image/png"}),
+                    lambda r: r.status_code < 300)
+                self.history.uploaded.add(aid)
+                await self._until_ok(lambda: self._complete(http, peer, aid, ack),
+                                     lambda r: r.status_code in (200, 410, 422))
+        finally:
+            peer.uploads -= 1
+
+    async def _announce(self, peer: Peer, cid: str, chat: str, size: int) -> Frame:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shape.settle_s
+        while True:
+            fut: asyncio.Future[Frame] = loop.create_future()
+            peer.announcing[cid] = fut
+            if peer.connected.is_set() and peer.client is not None:
+                with contextlib.suppress(*TRANSIENT):
+                    await peer.client.attachment(chat, f"{cid}.png", "image/png", size, cid)
+            try:
+                return await asyncio.wait_for(fut, self.shape.ack_timeout_s)
+            except TimeoutError:
+                if loop.time() > deadline:
+                    raise
+
+    async def _complete(self, http: httpx.AsyncClient, peer: Peer, aid: str,
+                        ack: Frame) -> httpx.Response:
+        return await http.post(f"{self.base_url}/v1/attachments/{aid}/complete", headers={
+            "Authorization": f"Bearer {self.token(peer.user)}",
+            "X-Upload-Token": str(ack["uploadToken"])})
+
+    async def _until_ok(self, call: Callable[[], Awaitable[httpx.Response]],
+                        ok: Callable[[httpx.Response], bool]) -> httpx.Response | None:
+        """``call`` until ``ok`` (retrying errors and other answers, as a client would),
+        for at most ``settle_s``; the last answer."""
+        deadline = time.monotonic() + self.shape.settle_s
+        last = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                last = await call()
+                if ok(last):
+                    return last
+            await asyncio.sleep(0.5)
+        return last
+
+    async def attachment_states(self) -> None:
+        """Each uploaded attachment's state as ``/complete`` tells it now: ``ready``, the
+        refusal's code (422), or the state it is stuck in."""
+        async with httpx.AsyncClient(timeout=30) as http:
+            for aid in sorted(self.history.uploaded):
+                peer = next(p for p in self.peers if any(
+                    e.user == p.user and e.frame.get("attachmentId") == aid
+                    for e in self.history.events))
+                ack = next(e.frame for e in self.history.events
+                           if e.user == peer.user and e.frame.get("attachmentId") == aid
+                           and e.frame.get("type") == "ack")
+                try:
+                    r = await self._complete(http, peer, aid, ack)
+                except httpx.HTTPError as exc:
+                    self.history.attachments[aid] = f"unreachable: {exc}"
+                    continue
+                body = r.json()
+                if r.status_code == 422:
+                    state = str((body.get("error") or {}).get("code"))
+                else:
+                    state = str(body.get("state") or f"http {r.status_code}")
+                self.history.attachments[aid] = state
 
     async def _resend(self, peer: Peer) -> None:
         while True:
@@ -205,6 +297,9 @@ class ChatLoad:
 
     def _handle(self, peer: Peer, f: Frame) -> None:
         kind = f.get("type")
+        waiting = peer.announcing.get(str(f.get("id")))
+        if kind in ("ack", "error") and waiting is not None and not waiting.done():
+            waiting.set_result(f)
         if kind == "message":
             peer.got.add(str(f["messageId"]))
             peer.to_receipt.append(str(f["messageId"]))
@@ -263,6 +358,8 @@ class ChatLoad:
         """Stop the clients and read what the server holds into the history: each chat's
         stored history and each member's receipt pointers."""
         await self.stop()
+        if self.history.uploaded:
+            await self.attachment_states()
         for chat, members in self.chat_members.items():
             async with HttpClient(self.base_url, self.token(members[0])) as http:
                 self.history.stored[chat] = await http.history_all(chat)
