@@ -121,13 +121,13 @@ def conveyor_processes(raylet_pid: int, app: str) -> dict[str, int]:
             continue
         if not cmd.startswith("ray::"):
             continue
-        name = cmd[5:].split(" ", 1)[0]
+        name = cmd[5:].split(" ", 1)[0].split(".", 1)[0]  # "Class.method" while one runs
         if name.startswith(f"ServeReplica:{app}:"):
             label = name.rsplit(":", 1)[1]
+        elif name in STATE_ACTORS:
+            label = name
         else:
-            label = name.split(".", 1)[0]
-            if label not in STATE_ACTORS:
-                continue
+            continue
         out[f"{label}:{proc.pid}"] = proc.pid
     return out
 
