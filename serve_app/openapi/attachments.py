@@ -118,7 +118,7 @@ def paths() -> dict[str, Any]:
                                ("deleted", "the attachment is deleted", "deleted")),
                 "422": refusal("The file is refused (`too_large`, `size_mismatch`, "
                                "`type_mismatch`, `infected`, `too_large_to_scan`).",
-                               ("type_mismatch", "declared image/png, the content is unrecognised",
+                               ("type_mismatch", "declared image/png, the content is text/plain",
                                 "rejected")),
                 "503": refusal("The virus scan could not run; the attachment stays pending.",
                                ("scan_failed", "the virus scan could not run: ConnectionRefusedError(111, "

@@ -98,7 +98,7 @@ SCHEMAS: dict[str, Any] = {
 CHAT_EXAMPLE = {"chatId": CHAT_ID, "members": ["alice", "bob"], "title": "hello"}
 CHAT_LIST_EXAMPLE = {"chats": [{
     "chatId": CHAT_ID, "title": "hello", "members": ["alice", "bob"], "lastSeq": 2,
-    "deliveredSeq": 2, "readSeq": 2, "unreadCount": 0,
+    "deliveredSeq": 2, "readSeq": 0, "unreadCount": 0,
     "peers": [{"userId": "bob", "deliveredSeq": 1, "readSeq": 1}]}]}
 HISTORY_EXAMPLE = {"messages": [
     {"type": "message", "messageId": MESSAGE_ID, "chatId": CHAT_ID, "seq": 1,

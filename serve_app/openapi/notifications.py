@@ -10,6 +10,7 @@ from deployments.notifications.idempotency import IDEMPOTENCY_KEY_PATTERN
 from serve_app.openapi.common import REF, STORABLE, secured
 from stages.notifications import (
     EMAIL_PATTERN,
+    MAX_BITRIX_ID,
     MAX_CONTACTS,
     MAX_EMAIL_CHARS,
     MAX_ITEMS,
@@ -127,7 +128,8 @@ def schemas(settings: Any = None) -> dict[str, Any]:
                       "description": "An e-mail address, exactly as the server checks it."}}},
         "BitrixContact": {**contact_common, "properties": {
             "type": {"const": "bitrix"},
-            "value": {"type": "integer", "exclusiveMinimum": 0, "examples": [12345],
+            "value": {"type": "integer", "exclusiveMinimum": 0, "maximum": MAX_BITRIX_ID,
+                      "examples": [12345],
                       "description": "Bitrix24 user id."}}},
         "Contact": {
             "description": "A way to reach the recipient.",

@@ -18,6 +18,7 @@ MAX_ITEMS = 100
 MAX_CONTACTS = 20  # defaults of the settings notification_max_contacts / _max_message_chars
 MAX_MESSAGE_CHARS = 10_000
 MAX_EMAIL_CHARS = 254
+MAX_BITRIX_ID = 2**63 - 1  # stored as a JSON number: larger ones would not round-trip
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,9 @@ def _contact_issues(contact: Any, path: list[PathPart]) -> list[Issue]:
             out.append(_invalid_type("integer", value, vpath))
         elif value <= 0:
             out.append(issue("too_small", "Number must be greater than 0", vpath))
+        elif value > MAX_BITRIX_ID:
+            out.append(issue("too_big", f"Number must be less than or equal to {MAX_BITRIX_ID}",
+                             vpath))
     extra = [k for k in contact if k not in CONTACT_KEYS]
     if extra:
         out.append(_unrecognized(extra, path))

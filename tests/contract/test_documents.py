@@ -364,3 +364,18 @@ async def test_every_documented_path_answers_other_methods_405_with_its_document
                 assert set(r.headers["allow"].split(", ")) == allow, (method, path)
                 checked += 1
     assert checked > 80
+
+
+@pytest.mark.parametrize(("value", "valid"), [
+    (2**63 - 1, True), (2**63, False), (1.5e37, False), (12345.0, True)])
+def test_a_bitrix_id_beyond_int64_is_refused_by_the_server_and_its_schema(
+        value: float, valid: bool) -> None:
+    item = {"contacts": [{"type": "bitrix", "value": value}], "message": "hi"}
+    normalised, issues = validate_item(item)
+    assert (normalised is not None) == valid, issues
+    if not valid:
+        assert issues == [{"code": "too_big", "path": ["contacts", 0, "value"],
+                           "message": "Number must be less than or equal to 9223372036854775807"}]
+    schema = Draft202012Validator({"$ref": "#/components/schemas/IncomingNotification",
+                                   "components": document()["components"]})
+    assert schema.is_valid(item) == valid
