@@ -345,7 +345,12 @@ class Connection:
         if seq <= st.upto:
             return
         if seq > st.upto + 1:
-            await self._catch_up(chat_id)
+            # A held chat is read back from the store once receipts make room: reading
+            # it for every message that arrives meanwhile would only load the store.
+            if chat_id in self.held:
+                self._stalled(time.monotonic())
+            else:
+                await self._catch_up(chat_id)
             return
         if skip == self.id:
             st.upto = seq
@@ -364,7 +369,7 @@ class Connection:
 
     async def _catch_up(self, chat_id: str) -> None:
         st = await self._state(chat_id)
-        while not self.closed:
+        while not self.closed and self._room(chat_id):
             page = await self.messages.messages_after(chat_id, st.upto, CATCH_UP_PAGE)
             for m in page:
                 if m.seq == st.upto + 1:

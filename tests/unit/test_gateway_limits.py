@@ -88,8 +88,10 @@ class Store:
 
     def __init__(self) -> None:
         self.last = 0
+        self.reads = 0
 
     async def messages_after(self, chat_id: str, after: int, limit: int) -> list[StoredMessage]:
+        self.reads += 1
         return [stored(seq) for seq in range(after + 1, min(self.last, after + limit) + 1)]
 
 
@@ -135,6 +137,7 @@ async def test_a_client_that_does_not_receipt_gets_at_most_the_limit_then_the_re
         await settle(lambda: len(written(ws)) == 5)
         await asyncio.sleep(0.05)
         assert written(ws) == [1, 2, 3, 4, 5] and conn.held == {"c"} and conn.in_flight == 5
+        assert store.reads == 0  # what arrives for a held chat is not read back meanwhile
         conn.on_receipt(["m3"])  # cumulative: 1..3
         await settle(lambda: len(written(ws)) == 8)
         assert written(ws) == list(range(1, 9)) and conn.in_flight == 5
