@@ -101,6 +101,8 @@ class ChatLoad:
         self.chat_members: dict[str, list[str]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.started = 0.0
+        # Attachment messages the server said it stored: (message id, chat, uploader).
+        self.files: list[tuple[str, str, str]] = []
 
     # --- setting up ---------------------------------------------------------------------
     async def open(self) -> None:
@@ -155,11 +157,12 @@ class ChatLoad:
             raise
 
     def _settled(self) -> bool:
-        """No frame pending, and every acked message reached every other member."""
+        """No frame or upload pending, and every acked message and every attachment
+        message the server stored reached every other member."""
         if any(p.pending or p.uploads for p in self.peers):
             return False
         acked = [(str(a["messageId"]), str(a.get("chatId")), p.user)
-                 for p in self.peers for a in p.acked.values()]
+                 for p in self.peers for a in p.acked.values()] + self.files
         return all(mid in p.got for p in self.peers for mid, chat, sender in acked
                    if sender != p.user and chat in p.chats)
 
@@ -192,7 +195,8 @@ class ChatLoad:
             await asyncio.sleep((k + 0.5) * s.messages / s.rate / s.attachments)
             cid = f"{peer.user}-a{k}"
             data = PNG + os.urandom(56)
-            ack = await self._announce(peer, cid, peer.chats[k % len(peer.chats)], len(data))
+            chat = peer.chats[k % len(peer.chats)]
+            ack = await self._announce(peer, cid, chat, len(data))
             if ack.get("status") not in ("accepted", "duplicate"):
                 return
             aid = str(ack["attachmentId"])
@@ -201,8 +205,10 @@ class ChatLoad:
                     ack["uploadUrl"], content=data, headers={"Content-Type": "image/png"}),
                     lambda r: r.status_code < 300)
                 self.history.uploaded.add(aid)
-                await self._until_ok(lambda: self._complete(http, peer, aid, ack),
-                                     lambda r: r.status_code in (200, 410, 422))
+                done = await self._until_ok(lambda: self._complete(http, peer, aid, ack),
+                                            lambda r: r.status_code in (200, 410, 422))
+                if done is not None and done.status_code == 200 and done.json().get("messageId"):
+                    self.files.append((str(done.json()["messageId"]), chat, peer.user))
         finally:
             peer.uploads -= 1
 
