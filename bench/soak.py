@@ -289,7 +289,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             args.rate = args.fraction * await capacity(target, args.pairs)
         return judge(await soak(target, args.rate, args.duration, pairs=args.pairs,
                                 sample_s=args.sample_s, warmup_s=args.warmup), j, memory=False)
-    with Spawned(args.gateways, args.cpu) as env:
+    with Spawned(args.gateways, args.cpu, shared=args.shared_machine) as env:
         target = env.deploy_conveyor()
         measured = None
         if args.rate is None:
@@ -329,6 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rss-rel", type=float, default=Judge.rss_rel)
     p.add_argument("--p99-ratio", type=float, default=Judge.p99_ratio)
     p.add_argument("--p99-abs-ms", type=float, default=Judge.p99_abs_ms)
+    p.add_argument("--shared-machine", action="store_true",
+                   help="run even while another Ray runs on this machine (--spawn; noisier)")
     p.add_argument("--out", type=Path, default=None, help="also write the report here")
     return p.parse_args(argv)
 
