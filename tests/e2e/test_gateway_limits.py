@@ -1,0 +1,115 @@
+"""Abuse limits at the WebSocket gateway, with real sockets (README settings table,
+PROTOCOL.md close codes).
+
+A second small Serve application in the session's Ray (its own database and data_dir,
+under /limits, one gateway replica) with tight caps: 3 open connections per user and 8
+connection attempts per user and minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client import WsClient
+from client.errors import HandshakeRefused
+from tests.conftest import E2E_SETTINGS, App
+
+pytestmark = pytest.mark.e2e
+
+APP_NAME = "limits"
+PREFIX = "/limits"
+MAX_OPEN = 3
+ATTEMPTS_PER_MINUTE = 8
+WINDOW = 20
+SLOW_CONSUMER_S = 2.0
+
+
+def user() -> str:
+    return f"l-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def limits_app(conveyor: App, new_database: Any,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    from ray import serve
+
+    from serve_app.app import build_graph
+
+    data_dir: Path = tmp_path_factory.mktemp("limits")
+    dsn = new_database("limits")
+    base = f"{conveyor.base_url}{PREFIX}"
+    settings = {**E2E_SETTINGS, "data_dir": str(data_dir), "database_url": dsn,
+                "mail_dir": str(data_dir / "mail"), "public_base_url": base,
+                "state_actor_prefix": "limits",
+                "max_connections_per_user": MAX_OPEN,
+                "connection_attempts_per_minute": ATTEMPTS_PER_MINUTE,
+                "connection_unreceipted_max": WINDOW, "slow_consumer_s": SLOW_CONSUMER_S,
+                # Credits out of play: the sender posts far more than a user may.
+                "credit_costs": {"chat": 0, "signal": 0, "command": 0, "attachment": 0}}
+    small = {"ray_actor_options": {"num_cpus": 0.05}}
+    serve.run(build_graph(dict(settings), options={
+        "Gateway": {"num_replicas": 1, "max_ongoing_requests": 2000, **small},
+        "stages": {**small, "num_replicas": 1},
+        "OutboxRelay": small, "NotificationDispatcher": small,
+    }), name=APP_NAME, route_prefix=PREFIX)
+    try:
+        yield App(base, conveyor.ws_url.replace("/v1/ws", f"{PREFIX}/v1/ws"), dsn, data_dir,
+                  settings)
+    finally:
+        serve.delete(APP_NAME)
+
+
+async def refused(app: App, who: str) -> HandshakeRefused:
+    with pytest.raises(HandshakeRefused) as info:
+        client = await WsClient.connect(app.ws_url, app.token(who))
+        await client.close()
+    return info.value
+
+
+async def test_open_connections_beyond_the_per_user_cap_are_closed_with_4409(
+        limits_app: App) -> None:
+    alice = user()
+    held = [await WsClient.connect(limits_app.ws_url, limits_app.token(alice))
+            for _ in range(MAX_OPEN)]
+    try:
+        err = await refused(limits_app, alice)
+        assert err.code == 4409 and f"at most {MAX_OPEN}" in str(err)
+        # Someone else is not affected, nor are the connections already open.
+        other = await WsClient.connect(limits_app.ws_url, limits_app.token(user()))
+        await other.close()
+        for client in held:
+            await client.ping()
+        # One closed: room for one again.
+        await held.pop().close()
+        await asyncio.sleep(0.3)
+        held.append(await WsClient.connect(limits_app.ws_url, limits_app.token(alice)))
+        await held[-1].ping()
+    finally:
+        for client in held:
+            await client.close()
+
+
+async def test_connection_attempts_beyond_the_per_minute_cap_are_closed_with_4429(
+        limits_app: App) -> None:
+    bob = user()
+    for _ in range(ATTEMPTS_PER_MINUTE):
+        client = await WsClient.connect(limits_app.ws_url, limits_app.token(bob))
+        await client.close()
+        await asyncio.sleep(0.1)  # the gateway sees the close before the next attempt
+    err = await refused(limits_app, bob)
+    retry = re.search(r"retry in (\d+) s", str(err))
+    assert err.code == 4429 and retry is not None, err
+    assert 1 <= int(retry[1]) <= 8  # one attempt comes back every 60 / 8 s
+    other = await WsClient.connect(limits_app.ws_url, limits_app.token(user()))
+    await other.close()
+    await asyncio.sleep(int(retry[1]) + 0.5)
+    client = await WsClient.connect(limits_app.ws_url, limits_app.token(bob))
+    await client.ping()
+    await client.close()
