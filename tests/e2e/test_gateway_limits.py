@@ -2,22 +2,26 @@
 PROTOCOL.md close codes).
 
 A second small Serve application in the session's Ray (its own database and data_dir,
-under /limits, one gateway replica) with tight caps: 3 open connections per user and 8
-connection attempts per user and minute.
+under /limits, one gateway replica) with tight caps: 3 open connections per user, 8
+connection attempts per user and minute, 20 unreceipted messages per connection and a
+2 s slow-consumer grace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from client import WsClient
+from bench.slow_readers import replica_pids, run
+from client import WsClient, create_chat
 from client.errors import HandshakeRefused
 from tests.conftest import E2E_SETTINGS, App
 
@@ -29,6 +33,10 @@ MAX_OPEN = 3
 ATTEMPTS_PER_MINUTE = 8
 WINDOW = 20
 SLOW_CONSUMER_S = 2.0
+SLOW_READERS = 100
+MESSAGES = 100           # per chat, 4,000 characters each: 38 MiB addressed to the readers
+BODY_CHARS = 4000
+RSS_GROWTH_MIB = 24.0    # most a process may grow meanwhile: well below what was addressed
 
 
 def user() -> str:
@@ -113,3 +121,35 @@ async def test_connection_attempts_beyond_the_per_minute_cap_are_closed_with_442
     client = await WsClient.connect(limits_app.ws_url, limits_app.token(bob))
     await client.ping()
     await client.close()
+
+
+async def test_readers_that_never_read_are_closed_and_memory_stays_bounded(
+        limits_app: App) -> None:
+    pids = replica_pids(APP_NAME)
+    assert sum(1 for label in pids if label.startswith("gateway:")) == 1, pids
+    assert any(label.startswith("proxy:") for label in pids), pids
+    figures = await run(limits_app.base_url, limits_app.ws_url, limits_app.token, pids,
+                        readers=SLOW_READERS, messages=MESSAGES, body_chars=BODY_CHARS,
+                        slow_consumer_s=SLOW_CONSUMER_S, prefix="lt")
+    print("slow readers:", json.dumps(figures))
+    assert figures["accepted"] == figures["sent"] == MESSAGES, figures
+    # Every reader was told, then closed with 4408, having been sent at most the window.
+    assert figures["closeCodes"] == {"4408": SLOW_READERS}, figures
+    assert figures["slowConsumerFrames"] == SLOW_READERS, figures
+    assert figures["maxDistinctMessagesPerReader"] <= WINDOW, figures
+    # The reader that reads got everything, in order, meanwhile.
+    assert figures["healthyReceived"] == MESSAGES and figures["healthyInOrder"], figures
+    rss = figures["rssMiB"]
+    for label in pids:
+        grew = rss["peak"][label] - rss["connected"][label]
+        assert grew < RSS_GROWTH_MIB, (label, grew, figures)
+    # The gateway is healthy for others afterwards.
+    async with httpx.AsyncClient(base_url=limits_app.base_url) as http:
+        assert (await http.get("/health/live")).status_code == 200
+    a, b = user(), user()
+    chat = await create_chat(limits_app.base_url, limits_app.token(a), [b])
+    async with (await WsClient.connect(limits_app.ws_url, limits_app.token(a)) as ca,
+                await WsClient.connect(limits_app.ws_url, limits_app.token(b)) as cb):
+        cid = await ca.chat(chat, "after the slow readers")
+        assert (await ca.ack(cid))["status"] == "accepted"
+        assert (await cb.message(body="after the slow readers"))["chatId"] == chat
