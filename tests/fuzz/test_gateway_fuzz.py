@@ -42,7 +42,7 @@ from tests.conftest import App
 pytestmark = pytest.mark.e2e
 
 CASES = 10_000          # frames sent in all (the sweep, the chunks, the closing cases)
-CHUNK = 250             # frames per connection
+CHUNK = 200             # frames per connection
 BAD_UTF8_CASES = 12     # text frames with invalid UTF-8, one connection each
 SEED = 20261130         # fixed: a failure reproduces with the same command
 MAX_FRAME = 64 * 1024   # the session app's max_frame_bytes (the settings default)
