@@ -36,9 +36,10 @@ def state_actors(name_prefix: str) -> list[str]:
                   if a["namespace"] == STATE_NAMESPACE and a["name"].startswith(name_prefix))
 
 
-def kill_state_actor(name: str) -> None:
-    """Kill a state actor; Ray restarts it with empty state (they are made restartable)."""
-    ray.kill(ray.get_actor(name, namespace=STATE_NAMESPACE), no_restart=False)
+def kill_state_actor(name: str, restart: bool = True) -> None:
+    """Kill a state actor; unless ``restart`` is false, Ray restarts it with empty state
+    (they are made restartable)."""
+    ray.kill(ray.get_actor(name, namespace=STATE_NAMESPACE), no_restart=not restart)
 
 
 def deployment_healthy(app: str, deployment: str) -> bool:

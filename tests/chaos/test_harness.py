@@ -7,9 +7,13 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+
 from tests.chaos.fake_server import Bugs, FakeServer, serving
 from tests.chaos.history import Verdict, check
 from tests.chaos.load import ChatLoad, Shape
+
+pytestmark = pytest.mark.chaos
 
 SHAPE = Shape(chats=2, senders=2, readers=1, messages=30, rate=60.0, ack_timeout_s=1.0,
               settle_s=3.0)

@@ -97,6 +97,9 @@ def chaos_app(conveyor: App, new_database: Any, kafka_broker: Any, redis_server:
                   conveyor.data_dir, settings)
     finally:
         serve.delete(APP_NAME)
+        # Its state actors are detached (they outlive the app): end them with it.
+        for name in faults.state_actors(f"{settings['state_actor_prefix']}-"):
+            faults.kill_state_actor(name, restart=False)
 
 
 async def test_kafka_broker_restarted_under_load(chaos_app: App, kafka_broker: Any) -> None:
