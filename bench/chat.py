@@ -332,6 +332,23 @@ async def _receiver(pair: Pair, client: WsClient, receipt_s: float, senders_sett
         ticker.cancel()
 
 
+async def open_pairs(target: Target, pairs: int, prefix: str
+                     ) -> tuple[list[Pair], list[WsClient], list[WsClient]]:
+    """``pairs`` fresh sender/receiver users (``<prefix>s…``/``<prefix>r…``), a chat for
+    each pair, and their connections: receivers first, so no delivery finds one missing."""
+    tag = uuid.uuid4().hex[:6]
+    ps = [Pair(i, f"{prefix}s{tag}-{i}", f"{prefix}r{tag}-{i}") for i in range(pairs)]
+    ids = await asyncio.gather(*(create_chat(target.base_url, target.token(p.sender), [p.receiver])
+                                 for p in ps))
+    for p, chat_id in zip(ps, ids, strict=True):
+        p.chat_id = chat_id
+    receivers = await asyncio.gather(*(WsClient.connect(target.ws_url, target.token(p.receiver))
+                                       for p in ps))
+    senders = await asyncio.gather(*(WsClient.connect(target.ws_url, target.token(p.sender))
+                                     for p in ps))
+    return ps, list(receivers), list(senders)
+
+
 async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
                    receipt_ms: float = 5.0, body_bytes: int = 0, timeout_s: float = 180.0,
                    verify: bool | None = None, rate: float | None = None,
@@ -342,16 +359,7 @@ async def run_chat(target: Target, pairs: int, messages: int, inflight: int, *,
     ``profile``: a directory for py-spy profiles of the gateway and stage hosts during the
     run (``bench/profile.py``); their top frames go into the record."""
     verify = target.verify if verify is None else verify
-    tag = uuid.uuid4().hex[:6]
-    ps = [Pair(i, f"bs{tag}-{i}", f"br{tag}-{i}") for i in range(pairs)]
-    ids = await asyncio.gather(*(create_chat(target.base_url, target.token(p.sender), [p.receiver])
-                                 for p in ps))
-    for p, chat_id in zip(ps, ids, strict=True):
-        p.chat_id = chat_id
-    receivers = await asyncio.gather(*(WsClient.connect(target.ws_url, target.token(p.receiver))
-                                       for p in ps))
-    senders = await asyncio.gather(*(WsClient.connect(target.ws_url, target.token(p.sender))
-                                     for p in ps))
+    ps, receivers, senders = await open_pairs(target, pairs, "b")
     pad = " " + "x" * max(0, body_bytes - 20) if body_bytes > 20 else ""
     settled = [asyncio.Event() for _ in ps]
     all_settled = asyncio.Event()

@@ -41,7 +41,6 @@ import asyncio
 import math
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,18 +50,17 @@ import orjson
 import psutil
 
 from bench.chat import (
-    Pair,
     Spawned,
     Target,
     _receiver,
     _sender,
     dev_tokens,
     log,
+    open_pairs,
     percentiles,
     run_chat,
     stdout_to_stderr,
 )
-from client import WsClient, create_chat
 
 # Ray actor classes of Conveyor's own state (cluster/), and Serve's proxy.
 STATE_ACTORS = ("ConnectionHub", "CreditShard", "DedupShard", "Telemetry", "RateLimiter",
@@ -149,16 +147,7 @@ async def soak(target: Target, rate: float, duration_s: float, *, pairs: int = 1
     """Offer ``rate`` messages/s in total over ``pairs`` chats for ``warmup_s`` (not
     sampled: pools, caches and lazy imports settle) then ``duration_s``, sampling every
     ``sample_s``; returns the samples and the run's totals (not yet judged)."""
-    tag = uuid.uuid4().hex[:6]
-    ps = [Pair(i, f"ss{tag}-{i}", f"sr{tag}-{i}") for i in range(pairs)]
-    chats = await asyncio.gather(*(create_chat(target.base_url, target.token(p.sender), [p.receiver])
-                                   for p in ps))
-    for p, chat in zip(ps, chats, strict=True):
-        p.chat_id = chat
-    receivers = await asyncio.gather(*(WsClient.connect(target.ws_url, target.token(p.receiver))
-                                       for p in ps))
-    senders = await asyncio.gather(*(WsClient.connect(target.ws_url, target.token(p.sender))
-                                     for p in ps))
+    ps, receivers, senders = await open_pairs(target, pairs, "s")
     per_pair = max(1, math.ceil(rate * (warmup_s + duration_s) / pairs))
     settled, all_settled = [asyncio.Event() for _ in ps], asyncio.Event()
     done = [asyncio.Event() for _ in ps]
