@@ -109,8 +109,10 @@ async def test_swagger_ui_loads_in_headless_chromium_without_external_requests(c
             paths = await page.locator(".opblock-summary-path").all_inner_texts()
         finally:
             await browser.close()
-    assert "Conveyor notifications" in title
+    # One document for every HTTP API: the notification service's and the messenger's.
+    assert title.split("\n")[0].strip() == "Conveyor"
     assert any("/v1/notifications" in p for p in paths)
+    assert any("/v1/chats" in p for p in paths)
     assert any(u.endswith("/openapi.json") for u in requests)
     external = [u for u in requests if not u.startswith(conveyor.base_url) and not u.startswith("data:")]
     assert external == []

@@ -122,7 +122,8 @@ def replicas_by_deployment() -> dict[str, list[dict[str, str]]]:
     app = serve_details()["applications"]["conveyor"]
     out: dict[str, list[dict[str, str]]] = {}
     for name, dep in app["deployments"].items():
-        out[name] = [{"replica": r["replica_id"], "node": r["node_id"],
+        # A replica not placed yet (starting after a node loss) has no node_id.
+        out[name] = [{"replica": r["replica_id"], "node": r.get("node_id") or "",
                       "state": str(getattr(r["state"], "value", r["state"]))}
                      for r in dep["replicas"]]
     return out
