@@ -130,6 +130,9 @@ class CachedChats:
     async def contacts(self, user_ids: Sequence[str]) -> dict[str, frozenset[str]]:
         return await self.chats.contacts(user_ids)
 
+    async def share_chat(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        return await self.chats.share_chat(pairs)
+
     async def chats_of(self, user_id: str) -> list[dict[str, Any]]:
         if self.health.available:
             light = await self.chats.chats_of(user_id, unread=False)

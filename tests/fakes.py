@@ -36,6 +36,30 @@ class FakeDirectory:
         return {c: frozenset(self.chats[c]) for c in chat_ids if c in self.chats}
 
 
+class FakeContacts:
+    """``Contacts`` from a table of chats and their members; records every query (each
+    call is what one indexed read would be)."""
+
+    def __init__(self, chats: dict[str, set[str]]) -> None:
+        self.chats = chats
+        self.contact_calls: list[list[str]] = []
+        self.share_calls: list[list[tuple[str, str]]] = []
+
+    async def contacts(self, user_ids: Sequence[str]) -> Mapping[str, frozenset[str]]:
+        self.contact_calls.append(list(user_ids))
+        out: dict[str, frozenset[str]] = {}
+        for u in user_ids:
+            peers = frozenset().union(*(m for m in self.chats.values() if u in m))
+            if peers:
+                out[u] = peers
+        return out
+
+    async def share_chat(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        self.share_calls.append(list(pairs))
+        return {(a, b) for a, b in pairs
+                if any(a in m and b in m for m in self.chats.values())}
+
+
 class FakeMessages:
     """``MessageStore``: seq per chat, idempotent on (sender, client id)."""
 

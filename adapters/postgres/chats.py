@@ -88,6 +88,20 @@ class PostgresChats:
         )
         return {r["who"]: frozenset(r["peers"]) for r in rows}
 
+    async def share_chat(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The pairs whose users are members of one chat at least (``Contacts`` port): one
+        query, each pair an index probe (``chat_members_by_user`` for the first user's
+        chats, the primary key for the second's membership of one of them)."""
+        if not pairs:
+            return set()
+        rows = await self.pool.fetch(
+            "SELECT p.a, p.b FROM unnest($1::text[], $2::text[]) AS p(a, b)"
+            " WHERE EXISTS (SELECT 1 FROM chat_members x JOIN chat_members y"
+            " ON y.chat_id = x.chat_id AND y.user_id = p.b WHERE x.user_id = p.a)",
+            [a for a, _ in pairs], [b for _, b in pairs],
+        )
+        return {(r["a"], r["b"]) for r in rows}
+
     async def pointers(self, user_id: str, chat_id: str | None = None) -> list[Pointer]:
         rows = await self.pool.fetch(
             "SELECT cm.chat_id, cm.delivered_seq, cm.read_seq, c.last_seq"

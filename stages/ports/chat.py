@@ -4,6 +4,7 @@ membership, contacts and the delivery outbox."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -218,7 +219,20 @@ class ChatStore(Protocol):
 
 
 class Contacts(Protocol):
-    """Who should hear about a user's presence: everyone sharing a chat with them."""
+    """Who is whose contact: two users are contacts when they are members of at least one
+    chat together. The one notion of a contact: a user's presence changes go to their
+    contacts, and (with the ``contacts`` scopes) signals and presence lookups are allowed
+    between contacts only."""
 
-    async def contacts(self, user_ids: Sequence[str]) -> Mapping[str, frozenset[str]]: ...
+    async def contacts(self, user_ids: Sequence[str]) -> Mapping[str, frozenset[str]]:
+        """Everyone sharing at least one chat with each user (the user among them); users
+        in no chat are absent. Read now."""
+        ...
+
+    async def share_chat(self, pairs: Sequence[tuple[str, str]]) -> AbstractSet[tuple[str, str]]:
+        """The pairs ``(a, b)`` of ``pairs`` whose users are members of one chat at least,
+        as given (one indexed read for the lot). A pair found may be up to a cache interval
+        old, as membership (``Directory``); a pair not found is read now, so a chat created
+        a moment ago counts at once."""
+        ...
 
