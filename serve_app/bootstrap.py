@@ -23,7 +23,7 @@ import ray
 
 from adapters.auth import DevKey, JwksKeys, JwtVerifier
 from adapters.bitrix import BitrixChannel, local_gate
-from adapters.cached_directory import CachedDirectory
+from adapters.cached_directory import CachedContacts, CachedDirectory
 from adapters.cached_reads import CachedChats, CachedMessages, CacheHealth
 from adapters.clamd import ClamdScanner
 from adapters.event_outbox import EventOutbox
@@ -62,6 +62,7 @@ from stages.ports import (
     NotificationLimits,
     Ports,
     RateGate,
+    SignalLimits,
     StageDefaults,
 )
 from stages.resolver import Resolver, StageRegistry
@@ -81,7 +82,8 @@ def stage_defaults(s: Settings) -> StageDefaults:
         attachments=AttachmentLimits(s.attachment_max_bytes, tuple(s.attachment_types),
                                      s.attachment_upload_ttl_s, s.attachment_claim_lease_s),
         notifications=NotificationLimits(s.notification_max_contacts,
-                                         s.notification_max_message_chars))
+                                         s.notification_max_message_chars),
+        signals=SignalLimits(s.signal_scope))
 
 
 def verifier(s: Settings) -> JwtVerifier:
@@ -195,6 +197,8 @@ class ProcessWiring:
         messages: MessageStore = pg_messages
         outbox, attachments = PostgresOutbox(pool), PostgresAttachments(pool)
         directory = CachedDirectory(pg_chats, s.membership_cache_s)
+        # Who shares a chat with whom: presence frames, signals, presence lookups.
+        contacts = CachedContacts(pg_chats, s.membership_cache_s)
         cache, cache_state, soft = chat_cache(s)
         if cache is not None and cache_state is not None:
             chats = CachedChats(pg_chats, cache, cache_state)
@@ -204,7 +208,7 @@ class ProcessWiring:
         registry = default_registry()
         tokens = verifier(s)
         ports = Ports(
-            store=messages, outbox=outbox, directory=directory, contacts=chats, hub=hub,
+            store=messages, outbox=outbox, directory=directory, contacts=contacts, hub=hub,
             credits=credit_bank(s),
             dedup=DedupClient(s.dedup_shards, s.signal_dedup_ttl_s, s.state_actor_prefix),
             objects=objects, attachments=attachments,

@@ -9,7 +9,7 @@ are the embedded defaults: no external service is needed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -148,7 +148,19 @@ class Settings(BaseSettings):
         "An outbox entry older than this was not delivered by the fast path; the relay takes it."))
     relay_interval_s: float = 1.0
     relay_batch: int = 500
-    membership_cache_s: float = 5.0
+    membership_cache_s: float = Field(default=5.0, description=(
+        "How long a replica trusts cached chat membership, and a cached pair of users found "
+        "sharing a chat (signal_scope, presence_scope); a pair not found is read afresh."))
+    signal_scope: Literal["contacts", "anyone"] = Field(default="contacts", description=(
+        "Who a `signal` may go to. contacts: a user sharing at least one chat with the "
+        "sender, or the sender's own user id (its other devices); any other recipient: ack "
+        "`rejected` `forbidden`, nothing forwarded. anyone: any user id. validate_signal's "
+        "`scope` option in pipelines.yaml wins over it."))
+    presence_scope: Literal["contacts", "anyone"] = Field(default="contacts", description=(
+        "Whom `GET /v1/presence` answers for. contacts: the caller and users sharing at "
+        "least one chat with the caller; asking for anyone else is refused with 403 "
+        "`forbidden`, naming them. anyone: any user. `system` `presence` frames go to a "
+        "user's contacts either way."))
 
     # --- load management -----------------------------------------------------------------
     credit_capacity: int = Field(default=100, description="Credits a user's bucket holds.")

@@ -10,6 +10,7 @@ like a built-in stage, with the same ports; nothing in Conveyor itself changes.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 from stages.analytics import Track
@@ -74,6 +75,17 @@ class PluginRegistry(StageRegistry):
         return super().build(spec, ports)
 
 
+def _validate_signal(options: Mapping[str, Any], p: Ports) -> ValidateSignal:
+    """``scope``: ``contacts`` (a signal only to a user sharing a chat with the sender, or
+    to the sender) or ``anyone``; default: the ``signal_scope`` setting."""
+    scope = str(options.get("scope", p.defaults.signals.scope))
+    if scope not in ("contacts", "anyone"):
+        raise ConfigError(f"validate_signal: scope must be contacts or anyone, not {scope!r}")
+    return ValidateSignal(int(options.get("max_payload_bytes", 16_384)),
+                          need(p.contacts, "contacts", "validate_signal")
+                          if scope == "contacts" else None)
+
+
 def default_registry() -> StageRegistry:
     reg = PluginRegistry()
     reg.register("validate_chat", lambda o, p: ValidateChat(
@@ -94,8 +106,7 @@ def default_registry() -> StageRegistry:
     reg.register("debit_credits", lambda o, p: DebitCredits(
         need(p.credits, "credits", "debit_credits"), need(p.notices, "notices", "debit_credits"),
         int(o.get("low_water", 5)), p.outages))
-    reg.register("validate_signal",
-                 lambda o, p: ValidateSignal(int(o.get("max_payload_bytes", 16_384))))
+    reg.register("validate_signal", _validate_signal)
     reg.register("dedup_signal", lambda o, p: DedupSignal(
         need(p.dedup, "dedup", "dedup_signal"), p.outages))
     reg.register("forward_signal",

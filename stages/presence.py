@@ -10,7 +10,9 @@ from stages.ports import Contacts, Delivery, DeliveryHub
 
 class FanoutPresence:
     """``fields``: ``online`` (bool) and ``lastSeen`` (RFC 3339 or None). One ``system``
-    ``presence`` frame per change to each contact's live connections."""
+    ``presence`` frame per change to each contact's live connections: the users sharing a
+    chat with the user (``Contacts``, the same notion that allows a signal or a presence
+    lookup), whatever the scope settings; nobody else hears of it."""
 
     name = "fanout_presence"
 

@@ -1,4 +1,5 @@
-"""The signal route: never stored. validate → dedup window → ack → forward."""
+"""The signal route: never stored. validate (shape, and who may be signalled) → dedup
+window → ack → forward."""
 
 from __future__ import annotations
 
@@ -8,19 +9,25 @@ from collections.abc import Sequence
 import orjson
 
 from stages.model import Envelope, Outcome
-from stages.ports import DedupWindow, Delivery, DeliveryHub, Outages
+from stages.ports import Contacts, DedupWindow, Delivery, DeliveryHub, Outages
 
 log = logging.getLogger("conveyor.signals")
 MAX_USER_ID = 128
 
 
 class ValidateSignal:
-    """Minimal validation: a recipient user id and an object payload under a size cap."""
+    """Format and rights: a recipient user id and an object payload under a size cap and,
+    with ``contacts``, a recipient who is a contact of the sender (shares a chat with
+    them) or the sender itself (its other devices; the forward reaches every connection of
+    the user, the sending one too). A signal to anyone else is refused ``forbidden`` and
+    never forwarded. The check is one ``Contacts.share_chat`` call per batch. Without
+    ``contacts`` (the ``anyone`` scope) a signal may go to any user id."""
 
     name = "validate_signal"
 
-    def __init__(self, max_payload_bytes: int = 16_384) -> None:
+    def __init__(self, max_payload_bytes: int = 16_384, contacts: Contacts | None = None) -> None:
         self.max_payload_bytes = max_payload_bytes
+        self.contacts = contacts
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         out = []
@@ -36,6 +43,24 @@ class ValidateSignal:
                                           f"'payload' exceeds {self.max_payload_bytes} bytes"))
             else:
                 out.append(Outcome.ok(env))
+        if self.contacts is not None:
+            out = await self._to_contacts_only(out, self.contacts)
+        return out
+
+    @staticmethod
+    async def _to_contacts_only(shaped: list[Outcome], contacts: Contacts) -> list[Outcome]:
+        pairs = sorted({(o.envelope.sender, o.envelope.fields["to"]) for o in shaped
+                        if not o.settled and o.envelope.fields["to"] != o.envelope.sender})
+        allowed = await contacts.share_chat(pairs) if pairs else frozenset()
+        out: list[Outcome] = []
+        for o in shaped:
+            env = o.envelope
+            if (not o.settled and env.fields["to"] != env.sender
+                    and (env.sender, env.fields["to"]) not in allowed):
+                out.append(Outcome.reject(env, "forbidden",
+                                          "the recipient shares no chat with the sender"))
+            else:
+                out.append(o)
         return out
 
 

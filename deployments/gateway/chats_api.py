@@ -1,5 +1,7 @@
 """HTTP resources of the messenger: chats (create, list), a chat's history, presence.
-History is also what a ``sync`` frame reads (:meth:`ChatsApi.history`)."""
+History is also what a ``sync`` frame reads (:meth:`ChatsApi.history`). With
+``contacts``, presence answers only for the caller and the caller's contacts (users
+sharing a chat with it); without, for anyone (``presence_scope``)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from starlette.routing import BaseRoute, Route
 from adapters.auth import Principal
 from deployments.gateway.intake import rfc3339
 from deployments.http import ApiError, error_response, json_response, query_int, storable
-from stages.ports import ChatStore, ConnectionRegistry, MessageStore
+from stages.ports import ChatStore, ConnectionRegistry, Contacts, MessageStore
 
 Guard = Callable[[Request], Awaitable[Principal]]
 MAX_SEQ = 2**63 - 1  # seq is a PostgreSQL bigint
@@ -22,11 +24,12 @@ MAX_SEQ = 2**63 - 1  # seq is a PostgreSQL bigint
 
 class ChatsApi:
     def __init__(self, chats: ChatStore, messages: MessageStore, hub: ConnectionRegistry,
-                 guard: Guard) -> None:
+                 guard: Guard, contacts: Contacts | None = None) -> None:
         self.chats = chats
         self.messages = messages
         self.hub = hub
         self.guard = guard
+        self.contacts = contacts
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -93,10 +96,12 @@ class ChatsApi:
 
     async def presence(self, request: Request) -> Response:
         try:
-            await self.guard(request)
+            principal = await self.guard(request)
             users = [u for item in request.query_params.getlist("userId") for u in item.split(",")]
             if not users or len(users) > 500 or not all(u and storable(u) for u in users):
                 raise ApiError(400, "invalid", "give 1..500 userId values")
+            if self.contacts is not None:
+                await self.only_contacts(principal.user_id, users, self.contacts)
             found = await self.hub.presence(users)
             out = []
             for user, online, seen in found:
@@ -105,3 +110,16 @@ class ChatsApi:
             return json_response({"users": out})
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.message)
+
+    @staticmethod
+    async def only_contacts(caller: str, users: list[str], contacts: Contacts) -> None:
+        """Refuses (403 ``forbidden``, naming them in the order asked) the users asked for
+        who are neither the caller nor share a chat with the caller."""
+        others = list(dict.fromkeys(u for u in users if u != caller))
+        if not others:
+            return
+        shared = await contacts.share_chat([(caller, u) for u in others])
+        strangers = [u for u in others if (caller, u) not in shared]
+        if strangers:
+            raise ApiError(403, "forbidden",
+                           f"not contacts of the caller (no chat shared): {', '.join(strangers)}")

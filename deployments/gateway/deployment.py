@@ -90,7 +90,8 @@ class Gateway:
         self.runner.on_hop = self.intake.hop
         self.hub_link = HubLink(s, svc.hub, svc.chats, self.sessions, self.intake, recorder,
                                 outages, self.replica_id)
-        self.chats_api = ChatsApi(svc.chats, svc.messages, svc.hub, self._guard)
+        self.chats_api = ChatsApi(svc.chats, svc.messages, svc.hub, self._guard,
+                                  svc.ports.contacts if s.presence_scope == "contacts" else None)
         self.attachments_api = AttachmentsApi(svc.attachments, svc.objects, svc.chats, self.runner,
                                               self._guard, s.storage_webhook_secret,
                                               self.replica_id)

@@ -21,6 +21,7 @@ from stages.ports.bundle import (
     MissingPort,
     NotificationLimits,
     Ports,
+    SignalLimits,
     StageDefaults,
     need,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "RateGate",
     "Receipt",
     "ScanLimitExceeded",
+    "SignalLimits",
     "StageDefaults",
     "Stored",
     "StoredMessage",

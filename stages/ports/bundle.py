@@ -42,11 +42,20 @@ class NotificationLimits:
 
 
 @dataclass(frozen=True)
+class SignalLimits:
+    """Who a ``signal`` may go to: ``contacts`` (a user sharing a chat with the sender,
+    or the sender's own user id) or ``anyone``."""
+
+    scope: str = "contacts"
+
+
+@dataclass(frozen=True)
 class StageDefaults:
     """Limits from the operator's settings; a stage's options in pipelines.yaml win."""
 
     attachments: AttachmentLimits = field(default_factory=AttachmentLimits)
     notifications: NotificationLimits = field(default_factory=NotificationLimits)
+    signals: SignalLimits = field(default_factory=SignalLimits)
 
 
 @dataclass(frozen=True)
