@@ -15,6 +15,8 @@ connections are removed; users left with no connection are handed to the next ga
 that pulls (an ``OFFLINE`` item), which tells their contacts as any other presence
 change (best-effort, like presence itself). If a hub actor restarts, its state is empty: each gateway notices
 (``pull`` returns None), attaches its live connections again and re-reads from the store.
+A gateway's first pull from a shard always returns None, even when a connection it just
+opened was attached first: so one fresh connection never hides the others after a restart.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class _Gateway:
     mailbox: list[Delivery] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     lost: bool = False  # frames were shed since the last pull
+    pulled: bool = False  # the gateway pulled since this entry was made
 
 
 @ray.remote
@@ -163,10 +166,16 @@ class ConnectionHub:
         return routed
 
     async def pull(self, gateway: str, wait_s: float = 1.0) -> list[Delivery] | None:
-        """A gateway's frames, waiting up to wait_s for some. None: this hub does not know
-        the gateway (it restarted, or the gateway was reaped): attach again."""
+        """A gateway's frames, waiting up to wait_s for some. None: this hub did not know
+        the gateway (it restarted, or the gateway was reaped), or knew it only from attaches
+        since: attach every connection again (the next pull answers as usual)."""
         gw = self.gateways.get(gateway)
-        if gw is None:
+        if gw is None or not gw.pulled:
+            # Unknown, or known only from an attach of a fresh connection (after a restart,
+            # or after the gateway was reaped): its other connections must attach again.
+            gw = self._gateway(gateway)
+            gw.pulled = True
+            gw.last_seen = time.time()
             return None
         gw.last_seen = time.time()
         # Pulls are the one call every live gateway makes all the time: reaping here

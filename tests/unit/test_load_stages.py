@@ -160,6 +160,7 @@ async def test_a_reaped_gateways_users_go_offline_at_the_next_pull() -> None:
     hub = ConnectionHub.__ray_metadata__.modified_class(0, gateway_ttl_s=0.2)
     await hub.attach("ghost", [("c1", "alice"), ("c2", "bob"), ("c3", "bob")])
     await hub.attach("live", [("c4", "carol")])
+    assert await hub.pull("live", 0.0) is None  # a gateway's first pull: attach everything
     await asyncio.sleep(0.3)
     hub._reaped_at = 0.0  # reaping is rate-limited to once a second
     await hub.attach("live", [("c5", "bob")])  # bob came back on another replica
@@ -174,6 +175,7 @@ async def test_a_full_hub_mailbox_sheds_the_oldest_frames_and_counts_them_by_typ
     from cluster.hub import RESYNC, ConnectionHub
 
     hub = ConnectionHub.__ray_metadata__.modified_class(0, mailbox_limit=2)
+    assert await hub.pull("g", 0.0) is None  # a gateway's first pull: attach everything
     await hub.attach("g", [("c1", "bob")])
     await hub.publish([Delivery(["bob"], {"type": "signal", "id": "1"}),
                        Delivery(["bob"], {"type": "message", "seq": 1}),
@@ -233,6 +235,8 @@ async def test_the_hub_leaves_out_the_replica_that_delivers_locally() -> None:
     hub = ConnectionHub.__ray_metadata__.modified_class(0)
     await hub.attach("gw-1", [("c1", "bob")])
     await hub.attach("gw-2", [("c2", "bob")])
+    for gw in ("gw-1", "gw-2"):
+        assert await hub.pull(gw, 0.0) is None  # a gateway's first pull: attach everything
     await hub.publish([Delivery(["bob"], {"type": "message", "seq": 1}, local="gw-1")])
     assert await hub.pull("gw-1", 0.0) == []
     (got,) = await hub.pull("gw-2", 0.0)
