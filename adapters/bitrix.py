@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from stages.buckets import TokenBuckets
-from stages.notifications import Delivery, SendResult
+from stages.notifications import Delivery, ResultCallback, SendResult
 from stages.ports import RateGate
 
 METHOD = "im.notify.personal.add"
@@ -133,9 +133,17 @@ class BitrixChannel:
             return SendResult.transient(f"{type(exc).__name__}: {exc}"[:500])
         return classify(status, body)
 
-    async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
-        # Sequential: the portal's rate limit is the bottleneck, not latency.
-        return [await self._send_one(d) for d in deliveries]
+    async def send(self, deliveries: Sequence[Delivery],
+                   on_result: ResultCallback | None = None) -> list[SendResult]:
+        """One request after another (the portal's rate limit is the bottleneck, not
+        latency); each result is reported (``on_result``) before the next request."""
+        out: list[SendResult] = []
+        for i, d in enumerate(deliveries):
+            result = await self._send_one(d)
+            out.append(result)
+            if on_result is not None:
+                await on_result(i, result)
+        return out
 
     async def ping(self) -> None:
         """Readiness: the webhook answers a cheap method (``server.time``). The call goes

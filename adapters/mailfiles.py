@@ -1,7 +1,8 @@
 """The embedded default e-mail channel: each e-mail is written as an ``.eml`` file.
 
 One file per (notification, contact), written atomically (temp file + rename), so a
-resend after a crash replaces the file instead of adding a second one.
+resend after a crash replaces the file instead of adding a second one. Files are written
+one at a time; each result is reported (``on_result``) before the next file is written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapters.mail import build_email
-from stages.notifications import Delivery, SendResult
+from stages.notifications import Delivery, ResultCallback, SendResult
 
 
 class MailDirChannel:
@@ -26,23 +27,27 @@ class MailDirChannel:
     def available(self) -> bool:
         return True
 
-    def _write(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
+    def _write(self, d: Delivery) -> SendResult:
         self.directory.mkdir(parents=True, exist_ok=True)
-        out: list[SendResult] = []
-        for d in deliveries:
-            name = f"{d.notification_id}-{d.contact_index}.eml"
-            path = self.directory / name
-            tmp = self.directory / f".{name}.tmp"
-            try:
-                tmp.write_bytes(bytes(build_email(d, self.mail_from, self.subject)))
-                os.replace(tmp, path)
-                out.append(SendResult.ok(name))
-            except OSError as exc:  # a full or read-only disk may recover
-                out.append(SendResult.transient(f"cannot write {name}: {exc}"))
-        return out
+        name = f"{d.notification_id}-{d.contact_index}.eml"
+        path = self.directory / name
+        tmp = self.directory / f".{name}.tmp"
+        try:
+            tmp.write_bytes(bytes(build_email(d, self.mail_from, self.subject)))
+            os.replace(tmp, path)
+            return SendResult.ok(name)
+        except OSError as exc:  # a full or read-only disk may recover
+            return SendResult.transient(f"cannot write {name}: {exc}")
 
-    async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
-        return await asyncio.to_thread(self._write, deliveries)
+    async def send(self, deliveries: Sequence[Delivery],
+                   on_result: ResultCallback | None = None) -> list[SendResult]:
+        out: list[SendResult] = []
+        for i, d in enumerate(deliveries):
+            result = await asyncio.to_thread(self._write, d)
+            out.append(result)
+            if on_result is not None:
+                await on_result(i, result)
+        return out
 
     def _probe(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)

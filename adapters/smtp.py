@@ -5,6 +5,12 @@ message after another; connections stay open between batches and are reopened wh
 server drops them (a share whose connection cannot be opened fails transiently as a whole,
 without a connection attempt per message). Classification: SMTP 4xx replies, timeouts
 and connection errors are transient; 5xx replies (unknown mailbox, policy refusal) are permanent.
+
+At most ``pool_size`` messages are in flight per channel at any instant, across all the
+batches sent concurrently (the dispatcher's two loops share one channel): a message holds
+one of ``pool_size`` slots from its transaction's start until ``on_result`` for it has
+returned. So with a caller that records each result in ``on_result``, at most
+``pool_size`` e-mails can have reached the server without their result being recorded.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections.abc import Sequence
 import aiosmtplib
 
 from adapters.mail import build_email
-from stages.notifications import Delivery, SendResult
+from stages.notifications import Delivery, ResultCallback, SendResult
 
 log = logging.getLogger("conveyor.smtp")
 
@@ -46,6 +52,8 @@ class SmtpChannel:
         self.timeout_s = timeout_s
         self.pool_size = max(1, pool_size)
         self._idle: list[aiosmtplib.SMTP] = []
+        # One slot per message in flight, held until its result is reported.
+        self._slots = asyncio.Semaphore(self.pool_size)
         self.connects = 0  # how many connections were opened (observable reuse)
         self.connect_attempts = 0  # how many were tried, failed ones included
 
@@ -75,22 +83,29 @@ class SmtpChannel:
         except Exception:  # already gone
             pass
 
-    async def _send_share(self, share: list[tuple[int, Delivery]], out: list[SendResult | None]) -> None:
-        """Sends a share over one connection. When a connection cannot be opened, the rest
-        of the share is transient at once: one failed connect per share, not per message
-        (each may take ``timeout_s``)."""
+    async def _send_share(self, share: list[tuple[int, Delivery]], out: list[SendResult | None],
+                          on_result: ResultCallback | None) -> None:
+        """Sends a share over one connection, one message after another; each message
+        holds a slot until its result is reported. When a connection cannot be opened, the
+        rest of the share is transient at once: one failed connect per share, not per
+        message (each may take ``timeout_s``)."""
         smtp: aiosmtplib.SMTP | None = None
+        unsent: list[tuple[int, Delivery]] = []
         try:
             for pos, (idx, d) in enumerate(share):
-                if smtp is None:
-                    try:
-                        smtp = await self._acquire()
-                    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                        failed = SendResult.transient(f"connect: {type(exc).__name__}: {exc}"[:500])
-                        for rest, _ in share[pos:]:
-                            out[rest] = failed
-                        return
-                out[idx] = await self._send_one(smtp, d)
+                async with self._slots:
+                    if smtp is None:
+                        try:
+                            smtp = await self._acquire()
+                        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                            failed = SendResult.transient(f"connect: {type(exc).__name__}: {exc}"[:500])
+                            unsent = share[pos:]
+                            for rest, _ in unsent:
+                                out[rest] = failed
+                            break
+                    out[idx] = result = await self._send_one(smtp, d)
+                    if on_result is not None:
+                        await on_result(idx, result)
                 if not smtp.is_connected:
                     smtp = None
         finally:
@@ -98,6 +113,11 @@ class SmtpChannel:
                 self._idle.append(smtp)
             elif smtp is not None:
                 await self._discard(smtp)
+        if on_result is not None:
+            for rest, _ in unsent:
+                failure = out[rest]
+                assert failure is not None
+                await on_result(rest, failure)
 
     async def _send_one(self, smtp: aiosmtplib.SMTP, d: Delivery) -> SendResult:
         msg = build_email(d, self.mail_from, self.subject)
@@ -119,12 +139,15 @@ class SmtpChannel:
             await self._discard(smtp)
         return result
 
-    async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
+    async def send(self, deliveries: Sequence[Delivery],
+                   on_result: ResultCallback | None = None) -> list[SendResult]:
+        """Up to ``pool_size`` lanes; each reports a message's result through ``on_result``
+        before its next message starts (see the module's note on messages in flight)."""
         out: list[SendResult | None] = [None] * len(deliveries)
         indexed = list(enumerate(deliveries))
         lanes = min(self.pool_size, len(indexed))
         shares = [indexed[i::lanes] for i in range(lanes)]
-        await asyncio.gather(*(self._send_share(s, out) for s in shares))
+        await asyncio.gather(*(self._send_share(s, out, on_result) for s in shares))
         return [r if r is not None else SendResult.transient("not attempted") for r in out]
 
     async def ping(self) -> None:

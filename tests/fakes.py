@@ -12,8 +12,18 @@ from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from stages.notifications import (
+    Attempt,
+    ContactProgress,
+    ContactStatus,
+    Job,
+    ResultCallback,
+    RoundResult,
+    SendResult,
+    SendStatus,
+    adopt_recorded,
+)
 from stages.notifications import Delivery as Send
-from stages.notifications import SendResult
 from stages.ports import (
     AttachmentRecord,
     ChatDraft,
@@ -265,7 +275,10 @@ class FakeKick:
 
 
 class ScriptedChannel:
-    """A channel whose answers per address are scripted (a list, consumed in order)."""
+    """A channel whose answers per address are scripted (a list, consumed in order).
+
+    Sends one delivery after another and reports each result (``on_result``) before the
+    next, as a one-lane channel does; ``sent`` lists every delivery it attempted."""
 
     def __init__(self, kind: str, script: dict[object, list[SendResult]], up: bool = True) -> None:
         self.kind = kind
@@ -277,8 +290,90 @@ class ScriptedChannel:
     def available(self) -> bool:
         return self.up
 
-    async def send(self, deliveries: Sequence[Send]) -> list[SendResult]:
+    async def send(self, deliveries: Sequence[Send],
+                   on_result: ResultCallback | None = None) -> list[SendResult]:
         self.batches += 1
-        self.sent.extend(deliveries)
-        return [self.script[d.address].pop(0) if self.script.get(d.address) else SendResult.ok("id")
-                for d in deliveries]
+        out: list[SendResult] = []
+        for i, d in enumerate(deliveries):
+            self.sent.append(d)
+            result = self.script[d.address].pop(0) if self.script.get(d.address) else SendResult.ok("id")
+            out.append(result)
+            if on_result is not None:
+                await on_result(i, result)
+        return out
+
+
+class FakeDispatchQueue:
+    """``DispatchQueue`` in memory: notifications by id with their stored progress.
+
+    ``record_delivered`` and ``finish_round`` follow the port: a contact recorded delivered
+    stays delivered, a repeat changes nothing, an attempt is stored once. ``claim_*`` hand
+    out every unfinished notification (leases are not modelled) as a fresh ``Job`` built
+    from the stored state, as a dispatcher claiming after a crash would see it."""
+
+    def __init__(self, jobs: Sequence[Job] = ()) -> None:
+        self.jobs: dict[str, Job] = {}
+        self.attempts: list[Attempt] = []
+        self.recorded: list[Attempt] = []  # every record_delivered call, repeats included
+        self.finished: dict[str, str] = {}  # id → final state
+        self.fail_records = False  # record_delivered raises (the database is unreachable)
+        for job in jobs:
+            self.add(job)
+
+    def add(self, job: Job) -> None:
+        self.jobs[job.id] = Job(job.id, list(job.contacts), job.message, job.strategy,
+                                job.subject_name, job.round, _copy(job.progress))
+
+    def _stored(self, a: Attempt) -> bool:
+        return a.status is SendStatus.DELIVERED and any(
+            (b.notification_id, b.contact_index, b.attempt, b.status)
+            == (a.notification_id, a.contact_index, a.attempt, a.status) for b in self.attempts)
+
+    async def record_delivered(self, attempt: Attempt) -> None:
+        self.recorded.append(attempt)
+        if self.fail_records:
+            raise ConnectionError("the database is unreachable")
+        job = self.jobs[attempt.notification_id]
+        prog = job.progress[attempt.contact_index]
+        if prog.status is not ContactStatus.DELIVERED:
+            job.progress[attempt.contact_index] = ContactProgress(ContactStatus.DELIVERED,
+                                                                  attempt.attempt)
+        if not self._stored(attempt):
+            self.attempts.append(attempt)
+
+    def unfinished(self) -> list[Job]:
+        return [Job(j.id, list(j.contacts), j.message, j.strategy, j.subject_name, j.round,
+                    _copy(j.progress)) for j in self.jobs.values() if j.id not in self.finished]
+
+    async def claim_ids(self, ids: Sequence[str], lease_s: float) -> list[Job]:
+        return [j for j in self.unfinished() if j.id in set(ids)]
+
+    async def claim_urgent(self, limit: int, lease_s: float) -> list[Job]:
+        return self.unfinished()[:limit]
+
+    async def claim_queued(self, limit: int, lease_s: float) -> list[Job]:
+        return self.unfinished()[:limit]
+
+    async def finish_round(self, results: Sequence[RoundResult]) -> None:
+        for r in results:
+            stored = self.jobs[r.job.id]
+            r = adopt_recorded(r, stored.progress)
+            self.attempts.extend(a for a in r.attempts if not self._stored(a))
+            self.jobs[r.job.id] = Job(r.job.id, list(r.job.contacts), r.job.message,
+                                      r.job.strategy, r.job.subject_name, r.job.round,
+                                      _copy(r.job.progress))
+            if r.final is not None:
+                self.finished[r.job.id] = r.final.value
+
+    async def release(self, ids: Sequence[str]) -> None:
+        return None
+
+    async def purge_expired(self) -> int:
+        return 0
+
+    async def stats(self) -> dict[str, float]:
+        return {"pending": float(len(self.jobs) - len(self.finished))}
+
+
+def _copy(progress: Sequence[ContactProgress]) -> list[ContactProgress]:
+    return [ContactProgress(p.status, p.attempts, p.last_error) for p in progress]

@@ -23,7 +23,9 @@ from stages.notifications.dispatch import (
     FinalState,
     Job,
     RoundResult,
+    adopt_recorded,
     dispatch_round,
+    final_state,
 )
 from stages.notifications.pacing import (
     DispatchPacer,
@@ -32,6 +34,7 @@ from stages.notifications.pacing import (
 from stages.notifications.ports import (
     Channel,
     Delivery,
+    DeliveryJournal,
     DispatchKick,
     DispatchQueue,
     IdempotencyClaim,
@@ -40,8 +43,10 @@ from stages.notifications.ports import (
     NotificationApiStore,
     NotificationDraft,
     NotificationStore,
+    ResultCallback,
     SendResult,
     SendStatus,
+    report_all,
 )
 from stages.notifications.resilience import (
     BreakerState,
@@ -98,6 +103,7 @@ __all__ = [
     "ContactProgress",
     "ContactStatus",
     "Delivery",
+    "DeliveryJournal",
     "DispatchKick",
     "DispatchPacer",
     "DispatchQueue",
@@ -112,6 +118,7 @@ __all__ = [
     "NotificationDraft",
     "NotificationStore",
     "PersistNotification",
+    "ResultCallback",
     "RetryPolicy",
     "RoundReport",
     "RoundResult",
@@ -120,10 +127,13 @@ __all__ = [
     "SendStatus",
     "ValidateNotification",
     "acceptance",
+    "adopt_recorded",
     "dispatch_round",
+    "final_state",
     "issue",
     "list_size_issues",
     "register_notification_stages",
+    "report_all",
     "rfc3339_ms",
     "type_name",
     "validate_item",

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from stages.notifications.ports import Channel, Delivery, SendResult, SendStatus
+from stages.notifications.ports import (
+    Channel,
+    Delivery,
+    DeliveryJournal,
+    ResultCallback,
+    SendResult,
+    SendStatus,
+)
 from stages.notifications.resilience import RetryPolicy
+
+log = logging.getLogger("conveyor.notifications")
 
 
 class ContactStatus(StrEnum):
@@ -77,24 +87,89 @@ class RoundResult:
     retry_in_s: float = 0.0
 
 
-def _settle(job: Job, policy: RetryPolicy, rng: Callable[[], float]) -> tuple[FinalState | None, float]:
+def final_state(job: Job) -> FinalState | None:
+    """The final state ``job``'s progress implies, or None while it has contacts to try.
+
+    ``send_to_first_available`` is delivered as soon as one contact is, and failed when
+    none is pending; ``send_to_all_available`` is final when none is pending: delivered
+    when every contact tried was, partially delivered when some were, else failed."""
     statuses = [p.status for p in job.progress]
     delivered = statuses.count(ContactStatus.DELIVERED)
     pending = statuses.count(ContactStatus.PENDING)
     if job.strategy == "send_to_first_available":
         if delivered:
-            return FinalState.DELIVERED, 0.0
-        if pending:
-            return None, policy.delay(job.round, rng)
-        return FinalState.FAILED, 0.0
+            return FinalState.DELIVERED
+        return None if pending else FinalState.FAILED
     if pending:
-        return None, policy.delay(job.round, rng)
+        return None
     tried = [s for s in statuses if s is not ContactStatus.SKIPPED]
     if delivered and delivered == len(tried):
-        return FinalState.DELIVERED, 0.0
-    if delivered:
-        return FinalState.PARTIALLY_DELIVERED, 0.0
-    return FinalState.FAILED, 0.0
+        return FinalState.DELIVERED
+    return FinalState.PARTIALLY_DELIVERED if delivered else FinalState.FAILED
+
+
+def _settle(job: Job, policy: RetryPolicy, rng: Callable[[], float]) -> tuple[FinalState | None, float]:
+    final = final_state(job)
+    return final, (policy.delay(job.round, rng) if final is None else 0.0)
+
+
+def adopt_recorded(result: RoundResult, recorded: Sequence[ContactProgress]) -> RoundResult:
+    """``result`` with every contact that ``recorded`` (the stored progress) shows delivered
+    kept delivered, and its final state recomputed when that changed anything.
+
+    A delivered contact never goes back: a round that started from older progress (its
+    lease ran out while it worked and another dispatcher delivered meanwhile) must not
+    overwrite a delivery recorded since. Returns ``result`` itself when nothing changes."""
+    progress = list(result.job.progress)
+    changed = False
+    for i, stored in enumerate(recorded[:len(progress)]):
+        mine = progress[i]
+        if stored.status is ContactStatus.DELIVERED and mine.status is not ContactStatus.DELIVERED:
+            progress[i] = ContactProgress(ContactStatus.DELIVERED, max(mine.attempts, stored.attempts))
+            changed = True
+    if not changed:
+        return result
+    job = replace(result.job, progress=progress)
+    final = final_state(job)
+    return RoundResult(job, result.attempts, final, result.retry_in_s if final is None else 0.0)
+
+
+def _to_try(job: Job) -> list[int]:
+    """The contacts a round tries for ``job``, in order: its pending ones, none when a
+    ``send_to_first_available`` job already reached a contact (an earlier round recorded
+    the delivery but did not finish: its process died)."""
+    if job.strategy == "send_to_first_available" and any(
+            p.status is ContactStatus.DELIVERED for p in job.progress):
+        return []
+    return [i for i, p in enumerate(job.progress) if p.status is ContactStatus.PENDING]
+
+
+def _recorder(journal: DeliveryJournal, kind: str, items: Sequence[tuple[Job, int]],
+              started: float, clock: Callable[[], float],
+              recorded: dict[int, Attempt]) -> ResultCallback:
+    """The ``on_result`` of one channel batch: each delivered result is recorded through
+    ``journal`` as it arrives (kept in ``recorded`` by batch index). A failed record is
+    logged and the batch goes on: the send happened, and the round's ``finish_round``
+    records it again; only a crash before that could repeat it."""
+    arrived = 0
+
+    async def on_result(k: int, res: SendResult) -> None:
+        nonlocal arrived
+        arrived += 1
+        if res.status is not SendStatus.DELIVERED:
+            return
+        job, i = items[k]
+        # The mean time per result so far: the same measure as the round's other attempts.
+        attempt = Attempt(job.id, i, kind, job.progress[i].attempts + 1, res.status, res.detail,
+                          (clock() - started) / arrived)
+        recorded[k] = attempt
+        try:
+            await journal.record_delivered(attempt)
+        except Exception:
+            log.warning("recording the delivery of %s contact %d failed; the round's end "
+                        "records it", job.id, i, exc_info=True, extra={"trace_id": job.id})
+
+    return on_result
 
 
 SKIP_WAIT_MIN_S = 1.0  # a passed-over job comes back no sooner than this
@@ -113,6 +188,7 @@ async def dispatch_round(
     channels: Mapping[str, Channel],
     policy: RetryPolicy,
     *,
+    journal: DeliveryJournal | None = None,
     rng: Callable[[], float] = random.random,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[RoundResult]:
@@ -132,6 +208,12 @@ async def dispatch_round(
     pending contacts come back with ``retry_in_s``: backoff + jitter after a real attempt,
     else the time until a passed-over channel may be tried again (its breaker's remaining
     reset time). ``job.round`` counts rounds with at least one real attempt.
+
+    With a ``journal``, every delivered send is recorded through it as soon as the
+    channel reports it, before that channel's lane sends anything else (see
+    ``Channel.send``): a round cut short (its process killed) leaves every delivery it
+    achieved recorded but at most those in flight at that instant, and a job claimed
+    again never sends to a contact recorded delivered.
     """
     attempts: dict[str, list[Attempt]] = {j.id: [] for j in jobs}
     tried: set[str] = set()  # jobs with at least one real send this round
@@ -142,10 +224,7 @@ async def dispatch_round(
                 job.progress[i].status = ContactStatus.SKIPPED
                 job.progress[i].last_error = f"no {contact.get('type')} channel is configured"
     # Which contacts each job still has to try this round (in order).
-    queue: dict[str, list[int]] = {
-        j.id: [i for i, p in enumerate(j.progress) if p.status is ContactStatus.PENDING]
-        for j in jobs
-    }
+    queue: dict[str, list[int]] = {j.id: _to_try(j) for j in jobs}
     by_id = {j.id: j for j in jobs}
     while True:
         wave: dict[str, list[tuple[Job, int]]] = {}
@@ -164,17 +243,23 @@ async def dispatch_round(
         for kind, items in wave.items():
             channel = channels[kind]
             t0 = clock()
+            recorded: dict[int, Attempt] = {}  # batch index → its delivery, as recorded
             if channel.available():
+                on_result = (None if journal is None
+                             else _recorder(journal, kind, items, t0, clock, recorded))
                 results = await channel.send([
                     Delivery(job.id, i, job.contacts[i]["value"], job.message, job.subject_name)
                     for job, i in items
-                ])
+                ], on_result)
             else:
                 results = [SendResult(SendStatus.UNAVAILABLE, f"{kind} channel is not working")
                            ] * len(items)
             took = (clock() - t0) / max(1, len(items))
-            for (job, i), res in zip(items, results, strict=True):
+            for k, ((job, i), res) in enumerate(zip(items, results, strict=True)):
                 prog = job.progress[i]
+                done = recorded.get(k)
+                if done is not None:  # recorded delivered: the stored truth for this contact
+                    res = SendResult(SendStatus.DELIVERED, done.detail)
                 if res.status is SendStatus.UNAVAILABLE:
                     # Passed over, not tried: no attempt is used.
                     prog.last_error = res.detail
@@ -185,8 +270,8 @@ async def dispatch_round(
                     continue
                 tried.add(job.id)
                 prog.attempts += 1
-                attempts[job.id].append(Attempt(job.id, i, kind, prog.attempts, res.status,
-                                                res.detail, took))
+                attempts[job.id].append(done or Attempt(job.id, i, kind, prog.attempts, res.status,
+                                                        res.detail, took))
                 if res.status is SendStatus.DELIVERED:
                     prog.status = ContactStatus.DELIVERED
                     prog.last_error = None

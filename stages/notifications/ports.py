@@ -3,13 +3,13 @@ dispatcher hand-off, channels and their results."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from stages.notifications.dispatch import Job, RoundResult
+    from stages.notifications.dispatch import Attempt, Job, RoundResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +117,10 @@ class SendResult:
         return cls(SendStatus.PERMANENT, detail)
 
 
+ResultCallback = Callable[[int, SendResult], Awaitable[None]]
+"""``on_result(index, result)``: the result of ``deliveries[index]``, as soon as it is known."""
+
+
 class Channel(Protocol):
     """A way to reach a contact (``kind`` is the contact type it serves).
 
@@ -128,13 +132,35 @@ class Channel(Protocol):
     process died may be sent again when the outbox resumes it. ``available`` is False
     while the channel should not be tried (its circuit breaker is open); a channel may
     also say how long that lasts with ``retry_after_s()`` (see ``GuardedChannel``).
+
+    ``on_result``, when given, is awaited once per delivery with its index in
+    ``deliveries`` and the same result ``send`` returns for it, as soon as that result is
+    known and before ``send`` returns (in completion order, not list order). A channel
+    starts no further send on the lane (connection, request sequence) that produced a
+    result until ``on_result`` for it has returned, so a caller that records each result
+    there has, at any instant, at most the channel's concurrent sends done but not yet
+    recorded. ``on_result`` should not raise: an exception from it propagates out of
+    ``send``. A ``send`` that raises may have reported some deliveries already.
     """
 
     kind: str
 
     def available(self) -> bool: ...
 
-    async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]: ...
+    async def send(self, deliveries: Sequence[Delivery],
+                   on_result: ResultCallback | None = None) -> list[SendResult]: ...
+
+
+async def report_all(results: Sequence[SendResult], on_result: ResultCallback | None,
+                     skip: frozenset[int] = frozenset()) -> None:
+    """Report results not reported yet (indexes not in ``skip``) through ``on_result``:
+    for channels that know a batch's results all at once (a breaker refusing it, a batch
+    that failed as a whole)."""
+    if on_result is None:
+        return
+    for i, result in enumerate(results):
+        if i not in skip:
+            await on_result(i, result)
 
 
 class NotificationApiStore(NotificationStore, Protocol):
@@ -170,13 +196,28 @@ class NotificationApiStore(NotificationStore, Protocol):
         ...
 
 
-class DispatchQueue(Protocol):
+class DeliveryJournal(Protocol):
+    """Where a dispatcher records each delivered send the moment it completes."""
+
+    async def record_delivered(self, attempt: Attempt) -> None:
+        """Record that ``attempt`` (status ``delivered``) reached its contact: the contact
+        is marked delivered with ``attempt.attempt`` attempts and the attempt is stored,
+        in one committed transaction before this returns. From then on a claim of the
+        notification sees the contact delivered and no round sends to it again, and a
+        later ``finish_round`` never turns it back (even one holding older progress).
+        Idempotent: recording the same attempt again changes nothing."""
+        ...
+
+
+class DispatchQueue(DeliveryJournal, Protocol):
     """The dispatcher's view of the notification outbox.
 
     Claims are leases (``lease_s``): claimed notifications are handed to no one else
     until the lease runs out, so a dead dispatcher's work is resumed by another after it
-    (at-least-once: a send just before the death may be repeated). ``finish_round``
-    records every attempt and each job's new state or next due time in one transaction.
+    (at-least-once). ``record_delivered`` commits each delivered send as it completes, so
+    a resumed notification repeats at most the sends whose record had not committed when
+    the dispatcher died. ``finish_round`` records the round's other attempts and each
+    job's new state or next due time in one transaction.
     """
 
     async def claim_ids(self, ids: Sequence[str], lease_s: float) -> list[Job]:
@@ -191,7 +232,12 @@ class DispatchQueue(Protocol):
         """Queued notifications never tried yet (the batch flush), oldest first."""
         ...
 
-    async def finish_round(self, results: Sequence[RoundResult]) -> None: ...
+    async def finish_round(self, results: Sequence[RoundResult]) -> None:
+        """Store every attempt of the round (one already recorded by ``record_delivered``
+        is not stored twice), each job's progress (a contact recorded delivered stays
+        delivered, and a job's final state accounts for it) and either its final state
+        (the job leaves the outbox) or its next due time, in one transaction."""
+        ...
 
     async def release(self, ids: Sequence[str]) -> None:
         """Give claimed jobs back (a round could not run): claimable again at once."""

@@ -8,7 +8,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from stages.notifications.ports import Channel, Delivery, SendResult, SendStatus
+from stages.notifications.ports import (
+    Channel,
+    Delivery,
+    ResultCallback,
+    SendResult,
+    SendStatus,
+    report_all,
+)
 
 
 class BreakerState(StrEnum):
@@ -81,15 +88,31 @@ class GuardedChannel:
     def retry_after_s(self) -> float:
         return self.breaker.remaining_s()
 
-    async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
+    async def send(self, deliveries: Sequence[Delivery],
+                   on_result: ResultCallback | None = None) -> list[SendResult]:
+        """The inner channel's ``send``; ``on_result`` is passed through, so each result is
+        reported as the inner channel reports it. A batch refused by the breaker or whose
+        ``send`` raised is reported here; a result the inner channel reported before it
+        raised is kept (a delivery already made is not turned into a failure)."""
         if not deliveries:
             return []
         if not self.breaker.allow():
-            return [SendResult(SendStatus.UNAVAILABLE, "circuit breaker open")] * len(deliveries)
+            refused = [SendResult(SendStatus.UNAVAILABLE, "circuit breaker open")] * len(deliveries)
+            await report_all(refused, on_result)
+            return refused
+        known: dict[int, SendResult] = {}
+
+        async def seen(i: int, result: SendResult) -> None:
+            known[i] = result
+            if on_result is not None:
+                await on_result(i, result)
+
         try:
-            results = await self.inner.send(deliveries)
+            results = await self.inner.send(deliveries, seen)
         except Exception as exc:
-            results = [SendResult.transient(f"{type(exc).__name__}: {exc}"[:500])] * len(deliveries)
+            failed = SendResult.transient(f"{type(exc).__name__}: {exc}"[:500])
+            results = [known.get(i, failed) for i in range(len(deliveries))]
+            await report_all(results, on_result, skip=frozenset(known))
         if len(results) != len(deliveries):
             raise RuntimeError(f"channel {self.kind} returned {len(results)} results "
                                f"for {len(deliveries)} deliveries")

@@ -16,6 +16,7 @@ from stages.notifications import (
     FinalState,
     GuardedChannel,
     Job,
+    ResultCallback,
     RetryPolicy,
     SendResult,
     SendStatus,
@@ -150,7 +151,8 @@ async def test_guarded_channel_trips_and_reports_unavailable() -> None:
         def available(self) -> bool:
             return True
 
-        async def send(self, deliveries: Sequence[Delivery]) -> list[SendResult]:
+        async def send(self, deliveries: Sequence[Delivery],
+                       on_result: ResultCallback | None = None) -> list[SendResult]:
             raise ConnectionRefusedError("down")
 
     g = GuardedChannel(Broken(), CircuitBreaker(failures=2, reset_s=60.0))
