@@ -4,8 +4,13 @@
 - ``claim_*``: due outbox rows, leased with ``FOR UPDATE SKIP LOCKED`` so that concurrent
   dispatchers never take the same row; a lease that expires (the process died) makes the
   row claimable again, so nothing accepted is lost (delivery is at-least-once).
+- ``record_delivered``: one delivered send, committed as it completes (the contact marked
+  delivered in the notification's progress, the attempt stored), so a dispatcher that dies
+  mid-round leaves every delivery it made recorded but those in flight; the next claim
+  sends to nobody recorded delivered.
 - ``finish_round``: a round's attempts, the new per-contact progress and either the next
-  due time or the final state, in one transaction.
+  due time or the final state, in one transaction; a contact recorded delivered stays
+  delivered and an attempt already recorded is not stored twice.
 - idempotency keys per (subject, key) with a TTL. A request claims its key
   (``idempotency_begin``); ``accept`` marks the key done with the request's response in the
   transaction that stores the notifications, so a repeat after that commit replays the
@@ -27,6 +32,7 @@ from adapters.kafka_events import notification_event, round_events
 from stages.notifications import (
     Attempt,
     ContactProgress,
+    ContactStatus,
     FinalState,
     IdempotencyClaim,
     IdempotencyLost,
@@ -34,6 +40,8 @@ from stages.notifications import (
     Job,
     NotificationDraft,
     RoundResult,
+    SendStatus,
+    adopt_recorded,
     rfc3339_ms,
 )
 
@@ -50,8 +58,30 @@ def _ts(value: datetime | None) -> str | None:
     return rfc3339_ms(value.timestamp()) if value is not None else None
 
 
+def _progress(value: Any) -> list[ContactProgress]:
+    return [ContactProgress.from_json(p) for p in _json(value) or []]
+
+
+# An attempt row, unless it is a delivery already stored (the same contact and attempt):
+# ``record_delivered`` stored it as it happened, ``finish_round`` comes back with it.
+_INSERT_ATTEMPT = """
+    INSERT INTO notification_attempts(notification_id, contact_index, channel, attempt, status,
+                                      detail, duration_ms)
+    SELECT $1::uuid, $2, $3, $4, $5, $6, $7
+     WHERE $5 <> 'delivered' OR NOT EXISTS (
+           SELECT 1 FROM notification_attempts
+            WHERE notification_id = $1::uuid AND contact_index = $2 AND attempt = $4
+              AND status = 'delivered')
+"""
+
+
+def _attempt_row(a: Attempt) -> tuple[Any, ...]:
+    return (a.notification_id, a.contact_index, a.channel, a.attempt, a.status.value, a.detail,
+            a.duration_s * 1000.0)
+
+
 def _job(row: asyncpg.Record) -> Job:
-    progress = [ContactProgress.from_json(p) for p in _json(row["progress"]) or []]
+    progress = _progress(row["progress"])
     contacts = _json(row["contacts"])
     return Job(id=row["id"], contacts=contacts, message=row["message"], strategy=row["strategy"],
                subject_name=row["subject_name"], round=row["round"],
@@ -142,17 +172,48 @@ class NotificationsStore:
         return await self._claim("(NOT immediate AND round = 0)", [], limit, lease_s)
 
     # --- recording ------------------------------------------------------------------
+    async def record_delivered(self, attempt: Attempt) -> None:
+        """One delivered send, in its own committed transaction: the contact is marked
+        delivered in the notification's progress (with ``attempt.attempt`` attempts) and
+        the attempt is stored. The notification's row is locked meanwhile, as
+        ``finish_round`` locks it, so the two never interleave. A repeat changes nothing;
+        an unknown notification is ignored."""
+        if attempt.status is not SendStatus.DELIVERED:
+            raise ValueError(f"record_delivered got a {attempt.status.value} attempt")
+        async with self.pool.acquire() as conn, conn.transaction():
+            stored = await conn.fetchval(
+                "SELECT progress FROM notifications WHERE id = $1::uuid FOR UPDATE",
+                attempt.notification_id)
+            if stored is None:
+                return
+            progress = _progress(stored)
+            i = attempt.contact_index
+            progress += [ContactProgress() for _ in range(i + 1 - len(progress))]
+            if progress[i].status is not ContactStatus.DELIVERED:
+                progress[i] = ContactProgress(ContactStatus.DELIVERED, attempt.attempt)
+                await conn.execute(
+                    "UPDATE notifications SET progress = $2::jsonb, updated_at = now()"
+                    " WHERE id = $1::uuid", attempt.notification_id,
+                    json.dumps([p.to_json() for p in progress]))
+            await conn.execute(_INSERT_ATTEMPT, *_attempt_row(attempt))
+
     async def finish_round(self, results: Sequence[RoundResult]) -> None:
+        """The round's attempts, each job's progress and its final state or next due time,
+        in one transaction. The notifications' rows are locked first (in id order) and
+        their stored progress adopted: a contact recorded delivered (``record_delivered``,
+        by this round or by another dispatcher meanwhile) stays delivered and the job's
+        final state accounts for it; a delivery already stored is not stored again."""
         if not results:
             return
-        attempts: list[Attempt] = [a for r in results for a in r.attempts]
         async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT id::text AS id, progress FROM notifications WHERE id = ANY($1::uuid[])"
+                " ORDER BY id FOR UPDATE", sorted({r.job.id for r in results}))
+            stored = {r["id"]: _progress(r["progress"]) for r in rows}
+            results = [adopt_recorded(r, stored.get(r.job.id, [])) for r in results]
+            attempts: list[Attempt] = [a for r in results for a in r.attempts]
             if attempts:
-                await conn.executemany(
-                    "INSERT INTO notification_attempts(notification_id, contact_index, channel,"
-                    " attempt, status, detail, duration_ms) VALUES ($1::uuid, $2, $3, $4, $5, $6, $7)",
-                    [(a.notification_id, a.contact_index, a.channel, a.attempt, a.status.value,
-                      a.detail, a.duration_s * 1000.0) for a in attempts])
+                await conn.executemany(_INSERT_ATTEMPT, [_attempt_row(a) for a in attempts])
             await conn.executemany(
                 "UPDATE notifications SET progress = $2::jsonb, updated_at = now(),"
                 " state = COALESCE($3, state), finished_at = CASE WHEN $3::text IS NULL"
@@ -193,7 +254,7 @@ class NotificationsStore:
                 " FROM notification_attempts WHERE notification_id = $1::uuid ORDER BY id",
                 notification_id)
         contacts = _json(row["contacts"])
-        progress = [ContactProgress.from_json(p) for p in _json(row["progress"]) or []]
+        progress = _progress(row["progress"])
         channels = []
         for i, c in enumerate(contacts):
             p = progress[i] if i < len(progress) else ContactProgress()

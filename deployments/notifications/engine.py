@@ -86,11 +86,16 @@ class DispatchEngine:
         return bool(self.channels) and not any(ch.available() for ch in self.channels.values())
 
     async def run_round(self, jobs: list[Job], pace: DispatchPacer | None = None) -> int:
+        """One round over claimed ``jobs``: each delivered send is recorded as it completes
+        (``store.record_delivered``), then every outcome with ``finish_round``. A process
+        that dies mid-round leaves its deliveries recorded but those in flight; the jobs
+        come back after their lease and repeat at most those. A round that fails gives its
+        jobs back at once (``release``); deliveries it recorded stay recorded."""
         if not jobs:
             return 0
         t0 = time.perf_counter()
         try:
-            results = await dispatch_round(jobs, self.channels, self.policy)
+            results = await dispatch_round(jobs, self.channels, self.policy, journal=self.store)
             await self.store.finish_round(results)
         except Exception:
             log.exception("notification round of %d failed; releasing", len(jobs))

@@ -31,12 +31,19 @@ from adapters.postgres.notifications import NotificationsStore
 from adapters.smtp import SmtpChannel
 from deployments.notifications.engine import DispatchEngine
 from stages.notifications import (
+    Attempt,
     CircuitBreaker,
+    ContactProgress,
+    ContactStatus,
     Delivery,
+    FinalState,
     GuardedChannel,
     NotificationDraft,
     RetryPolicy,
+    RoundResult,
+    SendResult,
     SendStatus,
+    dispatch_round,
 )
 
 
@@ -53,6 +60,7 @@ class Sink:
     def __init__(self) -> None:
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.sessions: set[int] = set()
+        self.delay_s = 0.0  # each message takes this long before the server accepts it
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: Any) -> str:
@@ -65,6 +73,8 @@ class Sink:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.sessions.add(id(session))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
         return "250 Message accepted"
 
@@ -545,3 +555,119 @@ async def test_every_attempt_is_logged_with_the_notification_id_as_trace_id(
     assert attempt["traceId"] == d.id and attempt["channel"] == "email"
     assert attempt["status"] == "delivered" and attempt["attempt"] == 1
     assert [x["state"] for x in lines if x["event"] == "notification_round"] == ["delivered"]
+
+
+# --- each delivery recorded as it completes -----------------------------------------------
+def delivered(nid: str, contact: int, attempt: int = 1) -> Attempt:
+    return Attempt(nid, contact, "email", attempt, SendStatus.DELIVERED, "250 accepted", 0.02)
+
+
+async def attempt_rows(pool: asyncpg.Pool, nid: str) -> list[tuple[int, int, str]]:
+    rows = await pool.fetch("SELECT contact_index, attempt, status FROM notification_attempts"
+                            " WHERE notification_id = $1 ORDER BY id", uuid.UUID(nid))
+    return [(r["contact_index"], r["attempt"], r["status"]) for r in rows]
+
+
+async def test_a_recorded_delivery_is_seen_by_the_next_claim_and_never_sent_again(
+        db_pool: asyncpg.Pool, tmp_path: Path) -> None:
+    store = NotificationsStore(db_pool)
+    d = draft([{"type": "email", "value": "a@example.com"}, {"type": "email", "value": "b@example.com"}],
+              immediate=True, strategy="send_to_all_available")
+    await store.accept([d])
+    await store.claim_ids([d.id], lease_s=-1)  # claimed by a dispatcher that dies mid-round
+    await store.record_delivered(delivered(d.id, 0))
+    row = "SELECT progress::text, updated_at FROM notifications WHERE id = $1"
+    before = await db_pool.fetchrow(row, uuid.UUID(d.id))
+    await store.record_delivered(delivered(d.id, 0))  # a repeat changes nothing
+    assert await db_pool.fetchrow(row, uuid.UUID(d.id)) == before
+    assert await attempt_rows(db_pool, d.id) == [(0, 1, "delivered")]
+    # The next claim (the lease ran out) sees the delivery and sends to the other contact only.
+    [job] = await store.claim_urgent(10, 60)
+    assert job.progress[0] == ContactProgress(ContactStatus.DELIVERED, 1)
+    assert job.progress[1].status is ContactStatus.PENDING
+    mail = MailDirChannel(tmp_path / "mail", "noreply@conveyor.test", "s")
+    results = await dispatch_round([job], {"email": mail}, RetryPolicy(3, 0.0, 0.0), journal=store)
+    await store.finish_round(results)
+    assert [f.name for f in (tmp_path / "mail").glob("*.eml")] == [f"{d.id}-1.eml"]
+    got = await store.get(d.id)
+    assert got is not None and got["state"] == "delivered"
+    assert [c["status"] for c in got["channels"]] == ["delivered", "delivered"]
+    # Recorded as it happened, then again by finish_round: each delivery is stored once.
+    assert await attempt_rows(db_pool, d.id) == [(0, 1, "delivered"), (1, 1, "delivered")]
+
+
+async def test_finish_round_never_turns_a_recorded_delivery_back(db_pool: asyncpg.Pool) -> None:
+    """A round that ends with older progress (its lease ran out while it worked and another
+    dispatcher delivered meanwhile) keeps the recorded delivery and settles with it."""
+    store = NotificationsStore(db_pool)
+    d = draft([{"type": "email", "value": "a@example.com"}, {"type": "email", "value": "b@example.com"}],
+              strategy="send_to_all_available")
+    await store.accept([d])
+    [job] = await store.claim_ids([d.id], lease_s=-1)
+    await store.record_delivered(delivered(d.id, 0))
+    job.progress[1] = ContactProgress(ContactStatus.FAILED, 1, "550 no")
+    stale = RoundResult(job, [Attempt(d.id, 1, "email", 1, SendStatus.PERMANENT, "550 no", 0.01)],
+                        FinalState.FAILED)
+    await store.finish_round([stale])
+    got = await store.get(d.id)
+    assert got is not None and got["state"] == "partially_delivered"
+    assert [c["status"] for c in got["channels"]] == ["delivered", "failed"]
+    assert await attempt_rows(db_pool, d.id) == [(0, 1, "delivered"), (1, 1, "permanent")]
+    assert await db_pool.fetchval("SELECT count(*) FROM notification_outbox") == 0
+
+
+async def test_smtp_has_at_most_pool_size_messages_sent_and_not_yet_reported(
+        smtp_server: tuple[Sink, int]) -> None:
+    """Two batches at once (the dispatcher's two loops) share the channel's slots: while a
+    result is being recorded, no more than ``pool_size`` messages are accepted unrecorded."""
+    sink, port = smtp_server
+    sink.delay_s = 0.02
+    ch = SmtpChannel("127.0.0.1", port, mail_from="noreply@conveyor.test", subject="s", pool_size=2)
+    reported = 0
+    worst = 0
+
+    async def on_result(i: int, r: SendResult) -> None:
+        nonlocal reported, worst
+        for _ in range(2):  # a record taking its time
+            worst = max(worst, len(sink.messages) - reported)
+            await asyncio.sleep(0.02)
+        reported += 1
+
+    batches = [[Delivery(f"{b}{i}", 0, f"{b}{i}@example.com", "x") for i in range(8)] for b in "ab"]
+    results = await asyncio.gather(*(ch.send(batch, on_result) for batch in batches))
+    await ch.close()
+    assert all(r.status is SendStatus.DELIVERED for rs in results for r in rs)
+    assert reported == len(sink.messages) == 16
+    assert 1 <= worst <= 2, worst
+
+
+async def test_a_dispatcher_killed_mid_round_repeats_at_most_its_sends_in_flight(
+        db_pool: asyncpg.Pool, smtp_server: tuple[Sink, int]) -> None:
+    sink, port = smtp_server
+    sink.delay_s = 0.03
+    store = NotificationsStore(db_pool)
+    drafts = [draft([{"type": "email", "value": f"k{i}@example.com"}]) for i in range(30)]
+    await store.accept(drafts)
+    doomed = SmtpChannel("127.0.0.1", port, mail_from="noreply@conveyor.test", subject="s", pool_size=2)
+    round_ = asyncio.create_task(engine(store, {"email": doomed}, lease_s=0.5).flush_once())
+    while len(sink.messages) < 10:
+        assert not round_.done()
+        await asyncio.sleep(0.005)
+    round_.cancel()  # killed: nothing after this point runs, finish_round included
+    with pytest.raises(asyncio.CancelledError):
+        await round_
+    await asyncio.sleep(0.6)  # the lease runs out (and a message the server was taking lands)
+    at_kill = len(sink.messages)
+    assert at_kill < 30
+    smtp = SmtpChannel("127.0.0.1", port, mail_from="noreply@conveyor.test", subject="s", pool_size=2)
+    assert await engine(store, {"email": smtp}).flush_once() >= 30 - at_kill
+    await smtp.close()
+    copies: dict[str, list[str]] = {}
+    for _, rcpts, content in sink.messages:
+        copies.setdefault(rcpts[0], []).append(str(message_from_bytes(content)["Message-ID"]))
+    assert sorted(copies) == sorted(f"k{i}@example.com" for i in range(30))  # none lost
+    repeats = sum(len(ids) - 1 for ids in copies.values())
+    assert repeats <= 2, f"{repeats} repeated of {at_kill} sent before the kill"
+    assert all(len(set(ids)) == 1 for ids in copies.values())  # a repeat is the same message
+    states = await db_pool.fetch("SELECT DISTINCT state FROM notifications")
+    assert [r["state"] for r in states] == ["delivered"]
