@@ -77,7 +77,13 @@ def schemas(settings: Any = None) -> dict[str, Any]:
     error_body = {"type": "object", "required": ["code", "message"], "additionalProperties": False,
                   "properties": {
                       "code": {"enum": ["credits_exhausted", "forbidden", "invalid", "overloaded",
-                                        "not_found"]},
+                                        "not_found"],
+                               "description": "`forbidden`: a chat, attachment or command "
+                                              "in a chat the sender is not a member of, an "
+                                              "edit or delete of another author's message, "
+                                              "or a signal to a user who shares no chat "
+                                              "with the sender (`signal_scope` "
+                                              "`contacts`)."},
                       "message": _string(),
                       "retryAfter": {"type": ["number", "null"],
                                      "description": "Seconds; with `credits_exhausted`."}}}
@@ -120,8 +126,12 @@ def messages(settings: Any = None) -> dict[str, dict[str, Any]]:
             "id": CLIENT_ID, "chatId": _string(),
             "body": {"$ref": SCHEMAS + "ClientBody"}}, closed=False),
             {"type": "chat", "id": "c-1", "chatId": "<chat>", "body": "hi Bob"}),
-        "clientSignal": ("An ephemeral signal to one user (never stored); `typing` signals "
-                         "carry `chatId` in the payload.",
+        "clientSignal": ("An ephemeral signal to one user (never stored): a contact of the "
+                         "sender (a user sharing at least one chat with it) or the sender "
+                         "itself (its connections, the sending one too), unless "
+                         "`signal_scope` is `anyone`; to anyone else it is acked `rejected` "
+                         "`forbidden` and not forwarded. `typing` signals carry `chatId` in "
+                         "the payload.",
                          _frame("signal", ["id", "to", "payload"], {
                              "id": CLIENT_ID, "to": _string(), "payload": {"type": "object"}},
                              closed=False),
@@ -184,9 +194,16 @@ def messages(settings: Any = None) -> dict[str, dict[str, Any]]:
         "ack": ("The answer to a client frame with an `id` (not `receipt`, `sync`, `ping`). "
                 "Chat, attachment and command acks carry `messageId, chatId, seq`; an "
                 "attachment's adds the upload URL; a command's `targetMessageId`; a signal's "
-                "nothing more.", ack,
-                {"type": "ack", "id": "c-1", "status": "accepted", "messageId": "<id>",
-                 "chatId": "<chat>", "seq": 1}),
+                "nothing more. A refused frame's ack is `rejected` with an `error`.", ack,
+                [{"name": "accepted", "summary": "A chat message stored.",
+                  "payload": {"type": "ack", "id": "c-1", "status": "accepted",
+                              "messageId": "<id>", "chatId": "<chat>", "seq": 1}},
+                 {"name": "signalForbidden",
+                  "summary": "A signal to a user who shares no chat with the sender "
+                             "(`signal_scope` `contacts`): nothing is forwarded.",
+                  "payload": {"type": "ack", "id": "s-1", "status": "rejected",
+                              "error": {"code": "forbidden", "message": "the recipient "
+                                        "shares no chat with the sender"}}}]),
         "message": ("A chat message for a member.", {"$ref": SCHEMAS + "MessageFrame"},
                     {"type": "message", "messageId": "<id>", "chatId": "<chat>", "seq": 1,
                      "senderId": "alice", "kind": "text", "body": "hi Bob",
@@ -289,7 +306,8 @@ def messages(settings: Any = None) -> dict[str, dict[str, Any]]:
         for name, (summary, payload, example) in table.items():
             out[name] = {"name": name, "title": name, "summary": summary,
                          "contentType": "application/json", "payload": payload,
-                         "examples": [{"payload": example}],
+                         "examples": (example if isinstance(example, list)
+                                      else [{"payload": example}]),
                          "x-direction": "client-to-server" if direction == "client"
                          else "server-to-client"}
     return out

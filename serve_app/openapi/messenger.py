@@ -110,6 +110,7 @@ HISTORY_EXAMPLE = {"messages": [
 PRESENCE_EXAMPLE = {"users": [{"userId": "bob", "online": False, "lastSeen": None}]}
 
 NOT_MEMBER = ("forbidden", "not a member of this chat")
+NOT_CONTACTS = ("forbidden", "not contacts of the caller (no chat shared): mallory")
 NO_CHAT = ("not_found", "no such chat")
 BAD_PAGE = ("invalid", "afterSeq must be >= 0 and limit 1..500")
 
@@ -159,6 +160,9 @@ def paths() -> dict[str, Any]:
         "/v1/presence": {"get": {
             "operationId": "getPresence", "tags": ["presence"], "security": secured(),
             "summary": "Whether users are online, and when they were last seen",
+            "description": "Only for the caller and its contacts (users sharing at least one "
+                           "chat with it) while `presence_scope` is `contacts` (the "
+                           "default); for anyone with `anyone`.",
             "parameters": [{
                 "name": "userId", "in": "query", "required": True, "style": "form",
                 "explode": True, "description": "Repeat it, or separate ids with commas "
@@ -169,5 +173,10 @@ def paths() -> dict[str, Any]:
                 "200": ok("One entry per user asked.", ref("Presence"), PRESENCE_EXAMPLE),
                 "400": error_response("No user id, an empty one, or more than 500.",
                                       ("invalid", "give 1..500 userId values")),
-                "401": unauthorized(), **common()}}},
+                "401": unauthorized(),
+                "403": error_response(
+                    "Some users asked for share no chat with the caller (`presence_scope` "
+                    "`contacts`): the message names them, in the order asked. Nothing is "
+                    "answered for the others either.", NOT_CONTACTS),
+                **common()}}},
     }

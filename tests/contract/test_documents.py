@@ -285,15 +285,20 @@ def test_every_frame_type_of_the_protocol_has_a_message_and_its_example_fits() -
     seen: dict[str, set[str]] = {"client-to-server": set(), "server-to-client": set()}
     events = set()
     for name, message in components["messages"].items():
-        (example,) = message["examples"]
-        frame = example["payload"]
-        direction = message["x-direction"]
-        assert message_for(doc, frame, direction) == name
-        validator = Draft202012Validator({**message["payload"], "components": components})
-        assert validator.is_valid(frame), name
-        seen[direction].add(frame["type"])
-        if frame["type"] == "system":
-            events.add(frame["event"])
+        examples = message["examples"]
+        assert examples, name
+        if len(examples) > 1:  # several: each named, to tell them apart
+            assert len({e.get("name") for e in examples}) == len(examples), name
+            assert all(e.get("name") and e.get("summary") for e in examples), name
+        for example in examples:
+            frame = example["payload"]
+            direction = message["x-direction"]
+            assert message_for(doc, frame, direction) == name
+            validator = Draft202012Validator({**message["payload"], "components": components})
+            assert validator.is_valid(frame), (name, example.get("name"))
+            seen[direction].add(frame["type"])
+            if frame["type"] == "system":
+                events.add(frame["event"])
     assert seen["client-to-server"] == client_types
     assert seen["server-to-client"] == server_types
     assert events == system_events

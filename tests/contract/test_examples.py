@@ -125,8 +125,15 @@ class Scenario:
             f"/v1/chats/{uuid.uuid4()}/messages", headers=self.auth(alice)))
         away = user("bob")
         self.names[away] = "bob"  # never connected: offline, never seen
+        # Presence answers for contacts: Alice shares a chat with this Bob too.
+        assert (await http.post("/v1/chats", json={"members": [away]},
+                                headers=self.auth(alice))).status_code == 201
         self.got(("getPresence", "200", "default"), await http.get(
             f"/v1/presence?userId={away}", headers=self.auth(alice)))
+        stranger = user("mallory")
+        self.names[stranger] = "mallory"  # in no chat with Alice
+        self.got(("getPresence", "403", "default"), await http.get(
+            f"/v1/presence?userId={away},{stranger}", headers=self.auth(alice)))
         self.got(("getPresence", "400", "default"),
                  await http.get("/v1/presence", headers=self.auth(alice)))
         self.chat = chat

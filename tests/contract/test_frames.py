@@ -79,6 +79,8 @@ async def test_every_frame_seen_on_real_sockets_fits_the_asyncapi_document(
         # signal both ways of the socket
         signal_ack = await a.ack(await a.signal(bob, {"typing": True, "chatId": chat}))
         await b.expect(lambda f: f["type"] == "signal")
+        # a signal to a user sharing no chat with Alice: acked rejected, forbidden
+        stranger_ack = await a.ack(await a.signal(carol, {"typing": True}))
         # commands: edit and react, seen by Bob as command events
         edit = await a.ack(await a.command("edit", first["messageId"], body="hello Bob!"))
         react = await b.ack(await b.command("react", first["messageId"], emoji="👍"))
@@ -122,6 +124,7 @@ async def test_every_frame_seen_on_real_sockets_fits_the_asyncapi_document(
     assert (first["status"], again["status"], refused["status"]) == (
         "accepted", "duplicate", "rejected")
     assert refused["error"]["code"] == "forbidden" and signal_ack["status"] == "accepted"
+    assert (stranger_ack["status"], stranger_ack["error"]["code"]) == ("rejected", "forbidden")
     assert edit["targetMessageId"] == react["targetMessageId"] == first["messageId"]
     assert [m["type"] for m in page["messages"]] == ["message", "command", "command"]
     assert posted["attachment"]["attachmentId"] == good["attachmentId"]
