@@ -1,9 +1,9 @@
 """Authorization on every frame type and endpoint, as a table. Alice and Bob share a chat
 holding Alice's text message and Alice's attachment; Alice has a notification. Mallory is
 in no chat with them. Each row is one attempt by Mallory (or by Bob on what only Alice may
-do) and the typed refusal PROTOCOL.md gives it; after each, the chat, its attachments, the
-notifications and everything on Mallory's account are exactly as before, and neither
-Alice nor Bob was sent anything."""
+do, or towards Mallory, who is not his contact) and the typed refusal PROTOCOL.md (or the
+README's extensions) gives it; after each, the chat, its attachments, the notifications
+and everything on Mallory's account are exactly as before, and nobody was sent anything."""
 
 from __future__ import annotations
 
@@ -165,6 +165,15 @@ FRAMES: list[tuple[str, str, Frame, tuple[str, str | None]]] = [
     ("server-only presence frame", "mallory",
      lambda w: {"type": "presence", "userId": w.alice, "online": False},
      ("error", "unknown_type")),
+    ("signal to a user sharing no chat with the sender", "mallory",
+     lambda w: {"type": "signal", "to": w.alice, "payload": {"typing": True}},
+     ("ack", "forbidden")),
+    ("typing signal naming the chat, by a non-member", "mallory",
+     lambda w: {"type": "signal", "to": w.bob, "payload": {"typing": True, "chatId": w.chat}},
+     ("ack", "forbidden")),
+    ("signal by a member to a stranger", "bob",
+     lambda w: {"type": "signal", "to": w.mallory, "payload": {"sdp": "v=0"}},
+     ("ack", "forbidden")),
 ]
 
 # HTTP: (case, caller, method, path, headers, expected status, expected code). Refusals of
@@ -190,6 +199,11 @@ HTTP: list[tuple[str, str, str, Path, Headers, int, str]] = [
      lambda w: f"/v1/notifications/{w.notification}", NO_HEADERS, 404, "not_found"),
     ("another subject's notification status, by a stranger", "mallory", "GET",
      lambda w: f"/v1/notifications/{w.notification}", NO_HEADERS, 404, "not_found"),
+    ("presence of a user sharing no chat with the caller", "mallory", "GET",
+     lambda w: f"/v1/presence?userId={w.alice}", NO_HEADERS, 403, "forbidden"),
+    ("presence of a chat partner and a stranger in one request", "bob", "GET",
+     lambda w: f"/v1/presence?userId={w.alice}&userId={w.mallory}", NO_HEADERS, 403,
+     "forbidden"),
 ]
 
 
@@ -264,6 +278,61 @@ async def test_the_same_requests_by_those_entitled_succeed(world: World) -> None
         r = await http.get(f"/v1/notifications/{w.notification}", headers=w.app.auth(w.alice))
         assert r.status_code == 200 and r.json()["subject"]["id"] == w.alice
     assert (await w.b.sync(w.chat))["messages"]
+
+
+async def test_a_signal_reaches_a_chat_partner_and_never_a_stranger(world: World) -> None:
+    """Refused signals are acked ``forbidden`` and reach nobody, while a signal between the
+    chat's members, sent at the same moment, arrives."""
+    w = world
+
+    async def attempt() -> None:
+        to_stranger = await w.b.signal(w.mallory, {"typing": True, "chatId": w.chat})
+        from_stranger = await w.m.signal(w.alice, {"sdp": "v=0", "kind": "offer"})
+        control = await w.a.signal(w.bob, {"typing": True, "chatId": w.chat})
+        for c, cid in ((w.b, to_stranger), (w.m, from_stranger)):
+            ack = await c.ack(cid)
+            assert (ack["status"], ack["error"]["code"]) == ("rejected", "forbidden"), ack
+            assert ack["error"]["message"] == "the recipient shares no chat with the sender"
+        assert (await w.a.ack(control))["status"] == "accepted"
+        got = await w.b.expect(lambda f: f["type"] == "signal" and f["id"] == control)
+        assert got == {"type": "signal", "id": control, "from": w.alice,
+                       "payload": {"typing": True, "chatId": w.chat}}
+        # The control signal has arrived; the refused ones, sent before it, never will.
+        m_frames, a_frames = await asyncio.gather(w.m.drain(1.0), w.a.drain(1.0))
+        assert [f for f in m_frames + a_frames if f["type"] == "signal"] == []
+
+    await refused_without_trace(w, attempt)
+
+
+async def test_a_signal_to_oneself_reaches_ones_other_devices(world: World) -> None:
+    w = world
+    second = await WsClient.connect(w.app.ws_url, w.app.token(w.alice))
+    try:
+        sid = await w.a.signal(w.alice, {"handoff": "call-1"})
+        assert (await w.a.ack(sid))["status"] == "accepted"
+        got = await second.expect(lambda f: f["type"] == "signal" and f["id"] == sid)
+        assert got["from"] == w.alice
+    finally:
+        await second.close()
+    await quiet(w)
+
+
+async def test_presence_answers_for_oneself_and_chat_partners(world: World) -> None:
+    w = world
+    async with httpx.AsyncClient(base_url=w.app.base_url) as http:
+        r = await http.get("/v1/presence", params=[("userId", w.alice), ("userId", w.bob)],
+                           headers=w.app.auth(w.bob))
+        assert r.status_code == 200, r.text
+        assert [(u["userId"], u["online"]) for u in r.json()["users"]] == [
+            (w.alice, True), (w.bob, True)]
+        r = await http.get("/v1/presence", params={"userId": w.mallory},
+                           headers=w.app.auth(w.mallory))
+        assert r.status_code == 200 and r.json()["users"][0]["online"] is True
+        r = await http.get("/v1/presence", params={"userId": f"{w.bob},{w.mallory}"},
+                           headers=w.app.auth(w.alice))
+        assert r.status_code == 403
+        assert r.json() == {"error": {"code": "forbidden", "message":
+                                      f"not contacts of the caller (no chat shared): {w.mallory}"}}
 
 
 async def test_a_non_member_does_not_see_the_chat_in_its_list(world: World) -> None:
