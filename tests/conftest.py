@@ -5,6 +5,8 @@
 - ``kafka_broker``, ``redis_server``: a Kafka-protocol broker and a Redis (tests/servers.py).
 - ``conveyor``: the Serve application on a local Ray (2 CPUs), started once per session,
   with two gateway replicas, on a free port, against its own database.
+- ``side_app``: a second, small application in the session's Ray, under its own route
+  prefix and database, for tests that need other settings (tight caps, Kafka...).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +186,57 @@ def conveyor(new_database: Any, tmp_path_factory: pytest.TempPathFactory, s3: st
     yield App(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/ws", dsn, data_dir, settings)
     serve.shutdown()
     ray.shutdown()
+
+
+SMALL: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0.05}}
+SIDE_DEPLOYMENTS = ("Gateway", "stages", "OutboxRelay", "NotificationDispatcher")
+
+
+@contextmanager
+def side_app(conveyor: App, name: str, settings: Mapping[str, Any], *,
+             options: Mapping[str, Mapping[str, Any]] | None = None,
+             ready_timeout_s: float | None = None) -> Iterator[App]:
+    """A second application in the session's Ray, named ``name`` and served under
+    ``/<name>`` on the session's proxy, deployed with ``settings`` (which must name its
+    ``database_url`` and ``data_dir``; ``public_base_url`` is set here).
+
+    Every deployment gets one replica with a twentieth of a CPU unless ``options`` says
+    otherwise (``options[deployment]`` replaces that deployment's options; deployments
+    named only there, such as ``EventRelay``, are added). With ``ready_timeout_s`` it
+    waits for ``/health/ready``. On the way out the application is deleted and, when it
+    has a ``state_actor_prefix`` of its own, its state actors are ended too (they are
+    detached: they would outlive it).
+    """
+    import httpx
+    import ray
+    from ray import serve
+
+    from cluster.sharding import NAMESPACE
+    from serve_app.app import build_graph
+
+    prefix = f"/{name}"
+    base = f"{conveyor.base_url}{prefix}"
+    full = {**settings, "public_base_url": base}
+    deployments = {d: {"num_replicas": 1, **SMALL} if d == "Gateway" else dict(SMALL)
+                   for d in SIDE_DEPLOYMENTS}
+    deployments.update({d: dict(o) for d, o in (options or {}).items()})
+    serve.run(build_graph(dict(full), options=deployments), name=name, route_prefix=prefix)
+    try:
+        if ready_timeout_s is not None:
+            deadline = time.monotonic() + ready_timeout_s
+            while httpx.get(f"{base}/health/ready", timeout=15).status_code != 200:
+                assert time.monotonic() < deadline, f"the {name} app did not become ready"
+                time.sleep(0.5)
+        yield App(base, conveyor.ws_url.replace("/v1/ws", f"{prefix}/v1/ws"),
+                  str(full["database_url"]), Path(full["data_dir"]), full)
+    finally:
+        serve.delete(name)
+        own = full.get("state_actor_prefix")
+        if own and own != conveyor.settings.get("state_actor_prefix", "conveyor"):
+            for actor in ray.util.list_named_actors(all_namespaces=True):
+                if actor["namespace"] == NAMESPACE and actor["name"].startswith(f"{own}-"):
+                    ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE),
+                             no_restart=True)
 
 
 @pytest.fixture

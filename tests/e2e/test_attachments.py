@@ -14,7 +14,7 @@ import pytest
 from adapters.objects import S3ObjectStore
 from client import WsClient, create_chat
 from tests.client import chat_of_two, user
-from tests.conftest import WEBHOOK_SECRET, App
+from tests.conftest import WEBHOOK_SECRET, App, side_app
 from tests.fake_clamd import EICAR
 
 pytestmark = pytest.mark.e2e
@@ -327,21 +327,10 @@ async def test_client_frames_may_not_use_the_server_dedup_prefix(conveyor: App) 
 def local_app(conveyor: App, new_database: Any) -> Iterator[App]:
     """The app without S3: uploads go to its own PUT /v1/uploads/... (one small gateway
     replica, its own database, under /local in the same Ray)."""
-    from ray import serve
-
-    from serve_app.app import build_graph
-
-    base = f"{conveyor.base_url}/local"
-    dsn = new_database("local")
-    settings = {**conveyor.settings, "database_url": dsn, "s3_endpoint": None,
-                "s3_access_key": None, "s3_secret_key": None, "public_base_url": base}
-    small = {"ray_actor_options": {"num_cpus": 0.05}}
-    serve.run(build_graph(dict(settings), options={
-        "Gateway": {"num_replicas": 1, **small}, "stages": small, "OutboxRelay": small,
-        "NotificationDispatcher": small}), name="local", route_prefix="/local")
-    yield App(base, conveyor.ws_url.replace("/v1/ws", "/local/v1/ws"), dsn,
-              conveyor.data_dir, settings)
-    serve.delete("local")
+    settings = {**conveyor.settings, "database_url": new_database("local"), "s3_endpoint": None,
+                "s3_access_key": None, "s3_secret_key": None}
+    with side_app(conveyor, "local", settings) as app:
+        yield app
 
 
 async def test_local_store_upload_download_and_refusals(local_app: App) -> None:

@@ -26,13 +26,12 @@ import yaml
 from aiokafka import AIOKafkaProducer
 
 from client import HttpClient, WsClient
-from tests.conftest import E2E_SETTINGS, App
+from tests.conftest import E2E_SETTINGS, App, side_app
 from tests.integration.kafka_helpers import read_topic, values
 
 pytestmark = pytest.mark.e2e
 
 APP_NAME = "bus"
-PREFIX = "/bus"
 ROOT = str(Path(__file__).resolve().parents[2])
 SLOW_STAGE = "tests.e2e.slow_stage:SlowWhenFlagged"
 SLOW_S = 1.5  # per batch while flagged: above kafka_ingress_pause_latency_s
@@ -72,10 +71,6 @@ class BusApp(App):
 @pytest.fixture(scope="module")
 def bus_app(conveyor: App, new_database: Any, kafka_broker: Any, redis_server: Any,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[BusApp]:
-    from ray import serve
-
-    from serve_app.app import build_graph
-
     work = tmp_path_factory.mktemp("bus")
     # The topics of PROTOCOL.md's names, made as the README makes them.
     topics = {"events": "conveyor.events", "ingress": "conveyor.ingress",
@@ -84,10 +79,8 @@ def bus_app(conveyor: App, new_database: Any, kafka_broker: Any, redis_server: A
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     flag = work / "slow"
-    base = f"{conveyor.base_url}{PREFIX}"
-    dsn = new_database("bus")
-    settings = {**E2E_SETTINGS, "data_dir": str(conveyor.data_dir), "database_url": dsn,
-                "mail_dir": str(work / "mail"), "public_base_url": base,
+    settings = {**E2E_SETTINGS, "data_dir": str(conveyor.data_dir),
+                "database_url": new_database("bus"), "mail_dir": str(work / "mail"),
                 "kafka_bootstrap": kafka_broker.bootstrap, "redis_url": redis_server.url,
                 "kafka_ingress_group": f"bus-{uuid.uuid4().hex[:6]}",
                 "kafka_ingress_pause_latency_s": 1.0, "kafka_ingress_retry_s": 0.5,
@@ -97,21 +90,18 @@ def bus_app(conveyor: App, new_database: Any, kafka_broker: Any, redis_server: A
     # Every process of this app imports the slow stage from the repository's tests.
     small = {"ray_actor_options": {"num_cpus": 0.05,
                                    "runtime_env": {"env_vars": {"PYTHONPATH": ROOT}}}}
-    serve.run(build_graph(dict(settings), options={
-        name: small for name in ("Gateway", "stages", "OutboxRelay", "NotificationDispatcher",
-                                 "EventRelay", "KafkaIngress")}),
-        name=APP_NAME, route_prefix=PREFIX)
-    app = BusApp(base, conveyor.ws_url.replace("/v1/ws", f"{PREFIX}/v1/ws"), dsn,
-                 conveyor.data_dir, settings)
-    app.topics, app.flag = topics, flag
+    options = {name: small for name in ("Gateway", "stages", "OutboxRelay",
+                                        "NotificationDispatcher", "EventRelay", "KafkaIngress")}
     try:
-        # The ingress consumer joins its group in the background: wait for it.
-        joined = asyncio.run(until(lambda: _ingress_up(), 120, every=0.5))
-        assert joined, "the ingress consumer did not start"
-        yield app
+        with side_app(conveyor, APP_NAME, settings, options=options) as side:
+            app = BusApp(side.base_url, side.ws_url, side.dsn, side.data_dir, side.settings)
+            app.topics, app.flag = topics, flag
+            # The ingress consumer joins its group in the background: wait for it.
+            joined = asyncio.run(until(lambda: _ingress_up(), 120, every=0.5))
+            assert joined, "the ingress consumer did not start"
+            yield app
     finally:
         flag.unlink(missing_ok=True)
-        serve.delete(APP_NAME)
 
 
 @pytest.fixture

@@ -23,12 +23,11 @@ import pytest
 from bench.slow_readers import replica_pids, run
 from client import WsClient, create_chat
 from client.errors import HandshakeRefused
-from tests.conftest import E2E_SETTINGS, App
+from tests.conftest import E2E_SETTINGS, SMALL, App, side_app
 
 pytestmark = pytest.mark.e2e
 
 APP_NAME = "limits"
-PREFIX = "/limits"
 MAX_OPEN = 3
 ATTEMPTS_PER_MINUTE = 8
 WINDOW = 20
@@ -46,32 +45,17 @@ def user() -> str:
 @pytest.fixture(scope="module")
 def limits_app(conveyor: App, new_database: Any,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    from ray import serve
-
-    from serve_app.app import build_graph
-
     data_dir: Path = tmp_path_factory.mktemp("limits")
-    dsn = new_database("limits")
-    base = f"{conveyor.base_url}{PREFIX}"
-    settings = {**E2E_SETTINGS, "data_dir": str(data_dir), "database_url": dsn,
-                "mail_dir": str(data_dir / "mail"), "public_base_url": base,
-                "state_actor_prefix": "limits",
+    settings = {**E2E_SETTINGS, "data_dir": str(data_dir), "database_url": new_database("limits"),
+                "mail_dir": str(data_dir / "mail"), "state_actor_prefix": "limits",
                 "max_connections_per_user": MAX_OPEN,
                 "connection_attempts_per_minute": ATTEMPTS_PER_MINUTE,
                 "connection_unreceipted_max": WINDOW, "slow_consumer_s": SLOW_CONSUMER_S,
                 # Credits out of play: the sender posts far more than a user may.
                 "credit_costs": {"chat": 0, "signal": 0, "command": 0, "attachment": 0}}
-    small = {"ray_actor_options": {"num_cpus": 0.05}}
-    serve.run(build_graph(dict(settings), options={
-        "Gateway": {"num_replicas": 1, "max_ongoing_requests": 2000, **small},
-        "stages": {**small, "num_replicas": 1},
-        "OutboxRelay": small, "NotificationDispatcher": small,
-    }), name=APP_NAME, route_prefix=PREFIX)
-    try:
-        yield App(base, conveyor.ws_url.replace("/v1/ws", f"{PREFIX}/v1/ws"), dsn, data_dir,
-                  settings)
-    finally:
-        serve.delete(APP_NAME)
+    gateway = {"num_replicas": 1, "max_ongoing_requests": 2000, **SMALL}
+    with side_app(conveyor, APP_NAME, settings, options={"Gateway": gateway}) as app:
+        yield app
 
 
 async def refused(app: App, who: str) -> HandshakeRefused:

@@ -25,12 +25,11 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import WsClient, create_chat
-from tests.conftest import E2E_SETTINGS, App
+from tests.conftest import E2E_SETTINGS, SMALL, App, side_app
 
 pytestmark = pytest.mark.e2e
 
 APP_NAME = "refusals"
-PREFIX = "/refusals"
 PAIRS = 6            # sender -> receiver pairs, each pair with its own chat
 PER_ROUND = 4        # chat messages and signals each sender sends per round
 MAX_ROUNDS = 20      # load stops as soon as both refusal paths were seen
@@ -47,29 +46,14 @@ def user() -> str:
 def refusals_app(conveyor: App, new_database: Any,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     """The app with a stage host that refuses whatever it cannot take at once."""
-    from ray import serve
-
-    from serve_app.app import build_graph
-
     data_dir: Path = tmp_path_factory.mktemp("refusals")
-    dsn = new_database("refusals")
-    base = f"{conveyor.base_url}{PREFIX}"
-    settings = {**E2E_SETTINGS, "data_dir": str(data_dir), "database_url": dsn,
-                "mail_dir": str(data_dir / "mail"), "public_base_url": base,
+    settings = {**E2E_SETTINGS, "data_dir": str(data_dir),
+                "database_url": new_database("refusals"), "mail_dir": str(data_dir / "mail"),
                 # Credits out of play: only stage refusals may turn anything away.
                 "credit_costs": {"chat": 0, "signal": 0, "command": 0, "attachment": 0}}
-    small = {"ray_actor_options": {"num_cpus": 0.05}}
-    serve.run(build_graph(dict(settings), options={
-        "Gateway": {"num_replicas": 1, **small},
-        "stages": {**small, "num_replicas": 1, "max_ongoing_requests": 1,
-                   "max_queued_requests": 1},
-        "OutboxRelay": small, "NotificationDispatcher": small,
-    }), name=APP_NAME, route_prefix=PREFIX)
-    try:
-        yield App(base, conveyor.ws_url.replace("/v1/ws", f"{PREFIX}/v1/ws"), dsn, data_dir,
-                  settings)
-    finally:
-        serve.delete(APP_NAME)
+    stages = {**SMALL, "num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1}
+    with side_app(conveyor, APP_NAME, settings, options={"stages": stages}) as app:
+        yield app
 
 
 @pytest.fixture

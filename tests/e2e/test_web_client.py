@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from client import WsClient, create_chat
-from tests.conftest import App
+from tests.conftest import App, side_app
 
 pytestmark = pytest.mark.e2e
 
@@ -65,22 +65,10 @@ def png(width: int, height: int, seed: int = 7) -> bytes:
 def web_app(conveyor: App, new_database: Any) -> Iterator[App]:
     """The app with its own local object store (one small gateway replica, its own
     database), under /web in the session's Ray; same dev key as the session app."""
-    from ray import serve
-
-    from serve_app.app import build_graph
-
-    base = f"{conveyor.base_url}{PREFIX}"
     settings = {**conveyor.settings, "database_url": new_database("web"), "s3_endpoint": None,
-                "s3_access_key": None, "s3_secret_key": None, "public_base_url": base}
-    small = {"ray_actor_options": {"num_cpus": 0.05}}
-    serve.run(build_graph(dict(settings), options={
-        "Gateway": {"num_replicas": 1, **small}, "stages": small, "OutboxRelay": small,
-        "NotificationDispatcher": small}), name="web", route_prefix=PREFIX)
-    try:
-        yield App(base, conveyor.ws_url.replace("/v1/ws", f"{PREFIX}/v1/ws"), settings["database_url"],
-                  conveyor.data_dir, settings)
-    finally:
-        serve.delete("web")
+                "s3_access_key": None, "s3_secret_key": None}
+    with side_app(conveyor, PREFIX.strip("/"), settings) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
@@ -573,46 +561,34 @@ async def test_running_out_of_credits_shows_a_banner_with_the_retry_time(
     """An app whose users have 3 credits a minute: a burst runs out of them, the refused
     messages say "Not sent", and a banner counts down to the retry time (the system
     credits_exhausted frame)."""
-    from ray import serve
-
-    from serve_app.app import build_graph
-
-    prefix = "/webtight"
-    base = f"{conveyor.base_url}{prefix}"
     settings = {**conveyor.settings, "database_url": new_database("webtight"), "s3_endpoint": None,
-                "s3_access_key": None, "s3_secret_key": None, "public_base_url": base,
+                "s3_access_key": None, "s3_secret_key": None,
                 "credit_capacity": 3, "credit_refill": 3, "credit_interval_s": 60.0,
                 # Its own credit bank (state actors are named, and shared by name).
                 "state_actor_prefix": "webtight"}
-    small = {"ray_actor_options": {"num_cpus": 0.05}}
-    serve.run(build_graph(dict(settings), options={
-        "Gateway": {"num_replicas": 1, **small}, "stages": small, "OutboxRelay": small,
-        "NotificationDispatcher": small}), name="webtight", route_prefix=prefix)
-    app = App(base, conveyor.ws_url.replace("/v1/ws", f"{prefix}/v1/ws"),
-              settings["database_url"], conveyor.data_dir, settings)
-    alice = await open_person(browser, app, name("alice"))
-    a = alice.page
-    try:
-        await a.get_by_label("New chat with").fill(name("bob"))
-        await a.get_by_role("button", name="Create chat").click()
-        # Each message costs a credit, and so does each typing signal the page sends.
-        for i in range(6):
-            await a.get_by_label("Message", exact=True).fill(f"burst {i}")
-            await a.keyboard.press("Enter")
-        banner = a.locator('#banners [data-key="credits"]')
-        await expect(banner).to_contain_text("Out of credits")
-        await expect(banner).to_contain_text(re.compile(r"Try again in \d+ s"))
-        await expect(alice.message("burst 5")).to_contain_text("Not sent")
-        await expect(alice.message("burst 0")).not_to_contain_text("Not sent")
-        refused = [f for f in alice.received if f.get("type") == "ack"
-                   and f.get("status") == "rejected"]
-        assert refused and {f["error"]["code"] for f in refused} == {"credits_exhausted"}
-        assert all(f["error"]["retryAfter"] > 0 for f in refused)
-        accepted = [f for f in alice.received if f.get("type") == "ack"
-                    and f.get("status") == "accepted"]
-        assert len(accepted) <= 3  # never more than the user's 3 credits
-        await alice.shot("alice-out-of-credits.png")
-        assert_same_origin(app, alice)
-    finally:
-        await alice.ctx.close()
-        serve.delete("webtight")
+    with side_app(conveyor, "webtight", settings) as app:
+        alice = await open_person(browser, app, name("alice"))
+        a = alice.page
+        try:
+            await a.get_by_label("New chat with").fill(name("bob"))
+            await a.get_by_role("button", name="Create chat").click()
+            # Each message costs a credit, and so does each typing signal the page sends.
+            for i in range(6):
+                await a.get_by_label("Message", exact=True).fill(f"burst {i}")
+                await a.keyboard.press("Enter")
+            banner = a.locator('#banners [data-key="credits"]')
+            await expect(banner).to_contain_text("Out of credits")
+            await expect(banner).to_contain_text(re.compile(r"Try again in \d+ s"))
+            await expect(alice.message("burst 5")).to_contain_text("Not sent")
+            await expect(alice.message("burst 0")).not_to_contain_text("Not sent")
+            refused = [f for f in alice.received if f.get("type") == "ack"
+                       and f.get("status") == "rejected"]
+            assert refused and {f["error"]["code"] for f in refused} == {"credits_exhausted"}
+            assert all(f["error"]["retryAfter"] > 0 for f in refused)
+            accepted = [f for f in alice.received if f.get("type") == "ack"
+                        and f.get("status") == "accepted"]
+            assert len(accepted) <= 3  # never more than the user's 3 credits
+            await alice.shot("alice-out-of-credits.png")
+            assert_same_origin(app, alice)
+        finally:
+            await alice.ctx.close()
