@@ -79,6 +79,7 @@ async def test_chat_keeps_flowing_when_the_credit_bank_and_hub_actors_die(convey
 
 async def test_signals_pass_while_the_dedup_shards_restart(conveyor: App) -> None:
     alice, bob = user(), user()
+    await create_chat(conveyor.base_url, conveyor.token(alice), [bob])  # signals: contacts
     a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
     b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
     kill_all("dedup", conveyor.settings["dedup_shards"])

@@ -57,6 +57,7 @@ async def test_credits_run_out_with_retry_after_and_a_system_notice(conveyor: Ap
 
 async def test_signal_is_forwarded_once_and_never_stored(conveyor: App, app_db: object) -> None:
     alice, bob = user(), user()
+    await create_chat(conveyor.base_url, conveyor.token(alice), [bob])  # signals: contacts
     a = await WsClient.connect(conveyor.ws_url, conveyor.token(alice))
     b = await WsClient.connect(conveyor.ws_url, conveyor.token(bob))
     offer = {"type": "signal", "id": "call-1", "to": bob, "payload": {"sdp": "v=0", "kind": "offer"}}
@@ -106,7 +107,8 @@ async def test_a_silent_gateway_replica_expires_from_presence(conveyor: App) -> 
     shard = shard_of(ghost_user, conveyor.settings["hub_shards"])
     hub = ray.get_actor(f"conveyor-hub-{shard}", namespace="conveyor")
     await hub.attach.remote("ghost-replica", [("ghost-conn", ghost_user)])
-    async with httpx.AsyncClient(base_url=conveyor.base_url, headers=conveyor.auth("x")) as http:
+    async with httpx.AsyncClient(base_url=conveyor.base_url,
+                                 headers=conveyor.auth(contact)) as http:
         users = (await http.get("/v1/presence", params={"userId": ghost_user})).json()["users"]
         assert users[0]["online"] is True
         for _ in range(40):  # the test settings use gateway_ttl_s = 5

@@ -123,8 +123,13 @@ async def test_overload_loses_no_durable_message_and_recovers(conveyor: App, app
     chats = [m[0] for m in made]
     senders = [m[1] for m in made]
     receivers = [m[2] for m in made]
-    sig = await asyncio.gather(*(WsClient.connect(conveyor.ws_url, conveyor.token(user()))
-                                 for _ in range(signalers)))
+    # Each signaler shares a chat with the receiver it signals (signals go to contacts).
+    sig_users = [user() for _ in range(signalers)]
+    await asyncio.gather(*(create_chat(conveyor.base_url, conveyor.token(u),
+                                       [receivers[i % pairs].user_id])
+                           for i, u in enumerate(sig_users)))
+    sig = await asyncio.gather(*(WsClient.connect(conveyor.ws_url, conveyor.token(u))
+                                 for u in sig_users))
 
     async def blast_chat(c: WsClient, chat: str) -> list[dict[str, Any]]:
         ids = [f"o{i}" for i in range(per_sender)]

@@ -85,7 +85,9 @@ async def provoke_credit_rejections(app: App) -> int:
 async def flood_signals(app: App, frames: int = 600, sockets: int = 4) -> None:
     """Signals (droppable) faster than the small e2e buffer takes them."""
     target = user("quiet")
-    clients = [await WsClient.connect(app.ws_url, app.token(user("flood"))) for _ in range(sockets)]
+    flooders = [user("flood") for _ in range(sockets)]
+    await create_chat(app.base_url, app.token(target), flooders)  # signals go to contacts
+    clients = [await WsClient.connect(app.ws_url, app.token(u)) for u in flooders]
     try:
         async def burst(c: WsClient) -> None:
             for i in range(frames):
