@@ -17,6 +17,16 @@ change (best-effort, like presence itself). If a hub actor restarts, its state i
 (``pull`` returns None), attaches its live connections again and re-reads from the store.
 A gateway's first pull from a shard always returns None, even when a connection it just
 opened was attached first: so one fresh connection never hides the others after a restart.
+
+Per-user caps (``admit``, the ``ConnectionRegistry`` port): the shard that owns a user also
+holds the user's connection attempts (a token bucket) and the slots reserved for
+connections being opened, so both caps hold across every gateway replica. The attempt is
+counted and the slot reserved in one actor call (an actor runs one call at a time to its
+first ``await``, and ``admit`` has none). A reservation turns into the connection when it
+is attached, and is released by ``detach``, by reaping its gateway, or after
+``gateway_ttl_s`` without an attach. After a restart the shard knows only the connections
+gateways attached again: for ``gateway_ttl_s`` (by then every live gateway has pulled and
+re-attached) its admissions are not ``certain`` and gateways apply their own caps too.
 """
 
 from __future__ import annotations
@@ -24,14 +34,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
 from cluster.sharding import named_actor, shard_of
+from stages.buckets import TokenBuckets
 from stages.ports import Delivery
+from stages.ports.delivery import Admission
 
 RESYNC = Delivery((), {"type": "_resync"})
 OFFLINE = "_offline"  # users: who went offline with a dead gateway; lastSeen: user -> epoch
@@ -45,6 +57,92 @@ class _Gateway:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     lost: bool = False  # frames were shed since the last pull
     pulled: bool = False  # the gateway pulled since this entry was made
+
+
+FORGET_EVERY_S = 60.0  # how often attempt buckets that are full again are dropped
+
+
+class Admissions:
+    """A hub shard's side of the per-user connection caps, over the connections the shard
+    knows (passed in by the caller): attempts per user and minute, and the slots reserved
+    for connections being opened. Plain state on ``clock`` (monotonic seconds)."""
+
+    def __init__(self, reservation_ttl_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.reservation_ttl_s = reservation_ttl_s
+        self.clock = clock
+        self.attempts: TokenBuckets | None = None
+        self._per_minute = 0
+        self._forgot_at = clock()
+        # user -> connection id -> (gateway, expires at); and connection id -> user
+        self.reserved: dict[str, dict[str, tuple[str, float]]] = {}
+        self.owner: dict[str, str] = {}
+
+    def _bucket(self, per_minute: int) -> TokenBuckets:
+        if self.attempts is None or per_minute != self._per_minute:
+            # A new rate (settings changed): buckets start full again.
+            self.attempts = TokenBuckets(per_minute, 1, 60.0 / per_minute)
+            self._per_minute = per_minute
+        return self.attempts
+
+    def admit(self, user: str, conn: str, gateway: str, held: Mapping[str, int],
+              open_here: int, max_open: int, per_minute: int, certain: bool = True) -> Admission:
+        """``held``: the user's attached connections per gateway, as the shard knows them;
+        ``open_here``: the caller's own count (it replaces ``held[gateway]`` and the
+        caller's reservations, which it includes)."""
+        now = self.clock()
+        mine = self.reserved.get(user)
+        if mine is not None and conn in mine:
+            return Admission(certain=certain)  # a repeat: counted once
+        if now - self._forgot_at >= FORGET_EVERY_S:
+            self._forgot_at = now
+            if self.attempts is not None:
+                self.attempts.forget_idle(now)
+        debit = self._bucket(max(1, per_minute)).debit(user, 1, now)
+        if not debit.granted:
+            return Admission("attempts", debit.retry_after)
+        self._expire(user, now)
+        mine = self.reserved.get(user, {})
+        elsewhere = sum(n for gw, n in held.items() if gw != gateway)
+        elsewhere += sum(1 for gw, _ in mine.values() if gw != gateway)
+        if open_here + elsewhere >= max_open:
+            return Admission("connections")
+        self.reserved.setdefault(user, {})[conn] = (gateway, now + self.reservation_ttl_s)
+        self.owner[conn] = user
+        return Admission(certain=certain)
+
+    def release(self, conn: str) -> bool:
+        """Drops ``conn``'s reservation (attached, closed or never completed)."""
+        user = self.owner.pop(conn, None)
+        if user is None:
+            return False
+        mine = self.reserved.get(user)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self.reserved[user]
+        return True
+
+    def drop_gateway(self, gateway: str) -> None:
+        """Releases the reservations of a gateway presumed dead."""
+        for mine in list(self.reserved.values()):
+            for conn, (gw, _) in list(mine.items()):
+                if gw == gateway:
+                    self.release(conn)
+
+    def _expire(self, user: str, now: float) -> None:
+        for conn, (_, expires) in list(self.reserved.get(user, {}).items()):
+            if expires <= now:
+                self.release(conn)
+
+    def sweep(self) -> None:
+        """Releases every reservation not attached in time."""
+        now = self.clock()
+        for user in list(self.reserved):
+            self._expire(user, now)
+
+    def __len__(self) -> int:
+        return len(self.owner)
 
 
 @ray.remote
@@ -63,6 +161,8 @@ class ConnectionHub:
         # Users gone offline when their gateway was reaped, not yet handed to a gateway.
         self.offline: dict[str, float] = {}
         self._reaped_at = 0.0
+        self.admissions = Admissions(gateway_ttl_s)
+        self.started = time.monotonic()
 
     def _gateway(self, gateway: str) -> _Gateway:
         gw = self.gateways.get(gateway)
@@ -103,6 +203,8 @@ class ConnectionHub:
                         self.offline[user] = self.last_seen[user]
                         gone = True
                 del self.gateways[name]
+                self.admissions.drop_gateway(name)
+        self.admissions.sweep()
         if gone:
             for gw in self.gateways.values():  # whoever pulls first fans them out
                 gw.wake.set()
@@ -121,6 +223,7 @@ class ConnectionHub:
         gw.last_seen = time.time()
         came_online = []
         for conn, user in conns:
+            self.admissions.release(conn)  # the reservation is now the connection
             if conn in gw.conns:
                 continue
             gw.conns[conn] = user
@@ -131,8 +234,21 @@ class ConnectionHub:
         return came_online
 
     async def detach(self, gateway: str, conns: Sequence[str]) -> list[str]:
-        """Forget connections; returns users that went offline."""
+        """Forget connections (and release reservations); returns users that went offline."""
+        for c in conns:
+            self.admissions.release(c)
         return [u for c in conns if (u := self._forget(gateway, c)) is not None]
+
+    async def admit(self, gateway: str, conn: str, user: str, open_here: int,
+                    max_open: int, attempts_per_minute: int) -> Admission:
+        """``ConnectionRegistry.admit`` on this shard (no ``await``: atomic in the actor)."""
+        self._reap()
+        gw = self.gateways.get(gateway)
+        certain = time.monotonic() - self.started >= self.gateway_ttl_s
+        if gw is not None and gw.conns.get(conn) == user:
+            return Admission(certain=certain)  # a repeat, already attached
+        return self.admissions.admit(user, conn, gateway, self.users.get(user, {}), open_here,
+                                     max_open, attempts_per_minute, certain)
 
     async def publish(self, deliveries: Sequence[Delivery]) -> int:
         """Route frames to the mailboxes of the gateways holding the recipients.
@@ -218,6 +334,7 @@ class ConnectionHub:
             "shed": self.shed,
             "shed_by_type": dict(self.shed_by_type),
             "mailbox_depth": sum(len(g.mailbox) for g in self.gateways.values()),
+            "reserved": len(self.admissions),
         }
 
 
@@ -245,6 +362,12 @@ class HubClient:
     async def pull(self, shard: int, gateway: str, wait_s: float) -> list[Delivery] | None:
         got = await self.actors[shard].pull.remote(gateway, wait_s)
         return None if got is None else [Delivery(*d) for d in got]
+
+    async def admit(self, gateway: str, conn: str, user: str, open_here: int,
+                    max_open: int, attempts_per_minute: int) -> Admission:
+        got = await self.actors[self.shard(user)].admit.remote(
+            gateway, conn, user, open_here, max_open, attempts_per_minute)
+        return Admission(*got)
 
     async def publish(self, deliveries: Sequence[Delivery]) -> None:
         if self.n == 1:

@@ -170,14 +170,6 @@ class Gateway:
             await ws.close(code=SERVER_ERROR if exc.status >= 500 else BAD_TOKEN,
                            reason=reason(exc.message))
             return
-        refusal = self.limits.admit(principal.user_id,
-                                    sum(1 for _ in self.sessions.of_user(principal.user_id)))
-        if refusal is not None:
-            self.metrics.recorder.inc("conveyor_connections_refused_total", code=str(refusal.code))
-            await ws.accept()
-            await ws.close(code=refusal.code, reason=reason(refusal.reason))
-            return
-        await ws.accept()
         conn = Connection(
             ws, principal.user_id, self.services.chats, self.services.messages,
             queue_size=self.settings.connection_queue,
@@ -189,13 +181,22 @@ class Gateway:
             slow_consumer_s=self.settings.slow_consumer_s,
             on_slow=lambda why: self.metrics.recorder.inc("conveyor_slow_consumers_total"),
         )
-        # ``connected`` is queued first, before the connection can be found by deliveries,
-        # so it is always the first frame a client reads (PROTOCOL.md).
-        conn.send({"type": "system", "event": "connected",
-                   "data": {"userId": conn.user_id, "connectionId": conn.id,
-                            "gateway": self.replica_id}})
-        self.sessions.add(conn)
+        # The per-user caps, cluster-wide (limits.py): admitted, the connection holds a
+        # slot at its hub shard until ``disconnected`` below gives it back.
+        refusal = await self.hub_link.admit(conn, self.limits)
+        if refusal is not None:
+            self.metrics.recorder.inc("conveyor_connections_refused_total", code=str(refusal.code))
+            await ws.accept()
+            await ws.close(code=refusal.code, reason=reason(refusal.reason))
+            return
         try:
+            await ws.accept()
+            # ``connected`` is queued first, before the connection can be found by
+            # deliveries, so it is always the first frame a client reads (PROTOCOL.md).
+            conn.send({"type": "system", "event": "connected",
+                       "data": {"userId": conn.user_id, "connectionId": conn.id,
+                                "gateway": self.replica_id}})
+            self.sessions.add(conn)
             await self.hub_link.connected(conn)
             conn.init_chats(await self.services.chats.pointers(conn.user_id))
             conn.start()

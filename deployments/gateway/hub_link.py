@@ -1,9 +1,11 @@
 """``HubLink``: this replica's side of the connection hub.
 
-It registers sockets with the hub (presence), long-polls each hub shard's mailbox for
-this replica and writes what arrives to the sockets (``message``/``command`` frames in
-seq order through each ``Connection``), re-reads from the store whenever frames may have
-been lost (a hub restart, a shed mailbox), and redelivers what was not receipted.
+It admits new sockets under the per-user caps (``admit``: one call to the user's hub
+shard, see ``limits``), registers sockets with the hub (presence), long-polls each hub
+shard's mailbox for this replica and writes what arrives to the sockets
+(``message``/``command`` frames in seq order through each ``Connection``), re-reads from
+the store whenever frames may have been lost (a hub restart, a shed mailbox), and
+redelivers what was not receipted.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import time
 from cluster.telemetry import Recorder
 from deployments.gateway.connection import Connection, guarded
 from deployments.gateway.intake import Intake
+from deployments.gateway.limits import ConnectionLimits, Refusal
 from deployments.gateway.sessions import Sessions
 from settings import Settings
 from stages.ports import ChatStore, ConnectionRegistry, Delivery, Outages
 
 log = logging.getLogger("conveyor.gateway")
 
+ADMIT_TIMEOUT_S = 2.0  # longest wait for the hub's answer to a connection attempt
+UNREACHABLE_LOG_EVERY_S = 10.0  # one warning per this long while admission falls back
 
 
 class HubLink:
@@ -35,10 +40,62 @@ class HubLink:
         self.recorder = recorder
         self.outages = outages
         self.replica_id = replica_id
+        self._releases: set[asyncio.Task[None]] = set()
+        self._warned_at = -UNREACHABLE_LOG_EVERY_S
 
     def tasks(self) -> list[asyncio.Task[None]]:
         return [*(asyncio.create_task(self._pull_loop(s)) for s in range(self.hub.shards)),
                 asyncio.create_task(self._redelivery_loop())]
+
+    async def admit(self, conn: Connection, limits: ConnectionLimits) -> Refusal | None:
+        """Decides whether the new socket ``conn`` may open (None) under the per-user caps,
+        cluster-wide: one call to the user's hub shard, which counts the attempt and
+        reserves the slot. Once admitted, ``conn`` is counted here until it is removed from
+        the sessions, and at the hub until it is detached (``disconnected``).
+
+        Falls back to ``limits`` (this replica's own counts) when the shard does not answer
+        within ``ADMIT_TIMEOUT_S`` (logged, counted as ``unavailable{dependency="hub",
+        stage="admit"}``), and applies them as well when the shard's admission is not
+        certain (it restarted moments ago)."""
+        user = conn.user_id
+        open_here = self.sessions.count(user)
+        self.sessions.admitting(conn)
+        try:
+            admission = await asyncio.wait_for(
+                self.hub.admit(self.replica_id, conn.id, user, open_here, limits.max_open,
+                               limits.attempts_per_minute), ADMIT_TIMEOUT_S)
+        except asyncio.CancelledError:
+            self.sessions.remove(conn)
+            self._release(conn)  # the call may have reserved a slot all the same
+            raise
+        except Exception as exc:
+            self.outages.unavailable("hub", "admit", 1)
+            now = time.monotonic()
+            if now - self._warned_at >= UNREACHABLE_LOG_EVERY_S:
+                self._warned_at = now
+                log.warning("hub shard %d did not answer an admission (%r): connection caps "
+                            "hold per replica meanwhile", self.hub.shard(user), exc)
+            refusal = limits.admit(user, open_here)
+            reserved = True  # the call may still reach the shard
+        else:
+            refusal = limits.refusal(admission)
+            reserved = refusal is None
+            if refusal is None and not admission.certain:
+                refusal = limits.admit(user, open_here)
+        if refusal is not None:
+            self.sessions.remove(conn)
+            if reserved:
+                self._release(conn)  # a slot the hub reserved (or may) goes unused
+        return refusal
+
+    def _release(self, conn: Connection) -> None:
+        """Gives up ``conn``'s reservation at the hub, in the background."""
+        task = asyncio.create_task(self._detach(conn))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _detach(self, conn: Connection) -> None:
+        await guarded(self.hub.detach(self.replica_id, [(conn.id, conn.user_id)]), "hub release")
 
     async def connected(self, conn: Connection) -> None:
         """A new socket: registered with its hub shard (if the shard is down, later)."""

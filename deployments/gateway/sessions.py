@@ -19,15 +19,35 @@ class Sessions:
         # Connections whose hub attach failed (a hub shard restarting): the pull loop of
         # their shard attaches them once the shard answers again.
         self.unattached: set[str] = set()
+        # Connections admitted (or being admitted) and not added yet, by user: they count
+        # against the user's cap here like open ones.
+        self.opening: dict[str, set[str]] = {}
 
     def __len__(self) -> int:
         return len(self.by_id)
 
+    def count(self, user_id: str) -> int:
+        """The user's connections here: open, and being opened."""
+        return len(self.by_user.get(user_id, ())) + len(self.opening.get(user_id, ()))
+
+    def admitting(self, conn: Connection) -> None:
+        """``conn`` is being admitted: counted until it is added or removed."""
+        self.opening.setdefault(conn.user_id, set()).add(conn.id)
+
+    def _opened(self, conn: Connection) -> None:
+        ids = self.opening.get(conn.user_id)
+        if ids is not None:
+            ids.discard(conn.id)
+            if not ids:
+                del self.opening[conn.user_id]
+
     def add(self, conn: Connection) -> None:
+        self._opened(conn)
         self.by_id[conn.id] = conn
         self.by_user.setdefault(conn.user_id, set()).add(conn)
 
     def remove(self, conn: Connection) -> None:
+        self._opened(conn)
         self.by_id.pop(conn.id, None)
         self.unattached.discard(conn.id)
         peers = self.by_user.get(conn.user_id)

@@ -31,6 +31,24 @@ class DeliveryHub(Protocol):
     async def publish(self, deliveries: Sequence[Delivery]) -> None: ...
 
 
+class Admission(NamedTuple):
+    """A hub shard's answer to one connection attempt (``ConnectionRegistry.admit``).
+
+    ``refused``: None when admitted (a slot is reserved for the connection); ``"attempts"``
+    when the user made too many attempts in the last minute (``retry_after``: seconds
+    until one is back); ``"connections"`` when the user holds as many connections as
+    allowed (``retry_after`` None: it depends on other sockets closing).
+    ``certain``: False when the shard may not know every connection of the user yet (it
+    restarted less than the gateway TTL ago and gateways are still attaching theirs
+    again): an admission is then only as good as what the shard knows, and the caller
+    applies its own caps as well. A refusal is always certain (what the shard knows is a
+    lower bound)."""
+
+    refused: str | None = None
+    retry_after: float | None = None
+    certain: bool = True
+
+
 class ConnectionRegistry(DeliveryHub, Protocol):
     """The hub as gateways see it: where each user's connections are (presence), and a
     mailbox per gateway replica, sharded by user.
@@ -43,6 +61,7 @@ class ConnectionRegistry(DeliveryHub, Protocol):
       store what it may have missed. Frames are handed out once (at-most-once).
     - A shard that loses frames (a full mailbox) says so in the next pull, with an item
       whose frame type is ``_resync``.
+    - ``admit`` holds the per-user caps on connections cluster-wide (below).
     """
 
     @property
@@ -58,6 +77,28 @@ class ConnectionRegistry(DeliveryHub, Protocol):
     async def detach(self, gateway: str, conns: Sequence[tuple[str, str]]) -> list[str]: ...
 
     async def pull(self, shard: int, gateway: str, wait_s: float) -> list[Delivery] | None: ...
+
+    async def admit(self, gateway: str, conn: str, user: str, open_here: int,
+                    max_open: int, attempts_per_minute: int) -> Admission:
+        """One connection attempt of ``user`` at ``gateway``, decided atomically by the
+        shard that owns the user: the attempt is counted (a token bucket per user of
+        ``attempts_per_minute`` tokens, one back every ``60 / attempts_per_minute`` s;
+        refused attempts count too), then, if the user holds fewer than ``max_open``
+        connections, a slot is reserved for ``conn``.
+
+        Connections counted: ``open_here`` (the caller's own: its open sockets of the user
+        and its admissions in flight, this one excluded) plus the connections and
+        reservations other gateways hold on the shard.
+
+        A reservation becomes the connection when ``conn`` is attached; it is released by
+        ``detach``, when ``gateway`` is presumed dead, or when it is not attached within
+        the gateway TTL (a socket that never completed). A repeat for a ``conn`` already
+        reserved or attached is admitted again and counts nothing. A shard that restarted
+        has no buckets or reservations; it rebuilds its connections from the gateways'
+        re-attach, and until a gateway TTL has passed its admissions are not ``certain``.
+        Raises when the shard cannot be reached: the caller decides with its own counts
+        (the caps then hold per gateway replica)."""
+        ...
 
     async def presence(self, users: Sequence[str]) -> list[tuple[str, bool, float | None]]:
         """(user, online, last seen epoch seconds or None), in the order asked."""
