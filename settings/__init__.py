@@ -126,11 +126,13 @@ class Settings(BaseSettings):
         "A connection at its `connection_unreceipted_max` that sends no receipt for this "
         "long is closed as a slow consumer (`system` `slow_consumer`, close code 4408)."))
     max_connections_per_user: int = Field(default=32, ge=1, description=(
-        "Open WebSocket connections one user may hold on one gateway replica (more: close "
-        "code 4409)."))
+        "Open WebSocket connections one user may hold across all gateway replicas (more: "
+        "close code 4409); counted by the user's hub shard. While that shard cannot be "
+        "reached, each replica holds the cap over its own connections."))
     connection_attempts_per_minute: int = Field(default=120, ge=1, description=(
-        "WebSocket connection attempts per user and minute on one gateway replica, with a "
-        "burst of as many (more: close code 4429)."))
+        "WebSocket connection attempts per user and minute across all gateway replicas, "
+        "with a burst of as many (more: close code 4429); counted by the user's hub shard, "
+        "or by each replica while that shard cannot be reached."))
     redelivery_base_s: float = Field(default=2.0, description=(
         "First redelivery after this long without a receipt; doubles each time."))
     redelivery_max_s: float = 60.0
