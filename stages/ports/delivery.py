@@ -54,11 +54,14 @@ class ConnectionRegistry(DeliveryHub, Protocol):
     mailbox per gateway replica, sharded by user.
 
     - ``attach``/``detach`` register connections; each returns the users who came online
-      (went offline) by it, so presence changes are announced once.
+      (went offline) by it, so presence changes are announced once. Both are idempotent
+      per connection id. ``attach`` turns a connection's reservation (``admit``) into the
+      connection; ``detach`` also releases a reservation not attached.
     - ``pull`` long-polls one shard's mailbox of a gateway for up to ``wait_s``; it returns
       None when the shard does not know the gateway (restarted, or the gateway was
-      presumed dead): the gateway attaches its connections again and re-reads from the
-      store what it may have missed. Frames are handed out once (at-most-once).
+      presumed dead), and on a gateway's first pull from the shard even if attaches came
+      first: the gateway attaches its connections again and re-reads from the store what
+      it may have missed. Frames are handed out once (at-most-once).
     - A shard that loses frames (a full mailbox) says so in the next pull, with an item
       whose frame type is ``_resync``.
     - ``admit`` holds the per-user caps on connections cluster-wide (below).
