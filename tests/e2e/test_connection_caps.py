@@ -186,6 +186,7 @@ async def test_a_restarted_hub_shard_admits_meanwhile_and_is_rebuilt_from_the_ga
         assert time.monotonic() < deadline, stats
         await asyncio.sleep(0.5)
     await asyncio.sleep(ttl + 0.5)
+    await asyncio.gather(*(c.ping() for c in held))  # none was closed for the restart
     err = await open_until_refused(conveyor, carol, held, REPLICAS * MAX_OPEN)
     assert err.code == 4409 and len(held) == MAX_OPEN, (err, len(held))
     assert len({c.gateway for c in held}) == REPLICAS
