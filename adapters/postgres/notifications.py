@@ -75,6 +75,27 @@ _INSERT_ATTEMPT = """
 """
 
 
+# Marks contact $2 delivered unless it is already, and stores the attempt unless stored:
+# one statement, so one round trip and its own transaction.
+_RECORD_DELIVERED = """
+    WITH marked AS (
+        UPDATE notifications
+           SET progress = jsonb_set(progress, ARRAY[($2::int)::text], $7::jsonb),
+               updated_at = now()
+         WHERE id = $1::uuid AND $2::int < jsonb_array_length(progress)
+           AND progress -> $2::int ->> 'status' IS DISTINCT FROM 'delivered'
+        RETURNING id
+    )
+    INSERT INTO notification_attempts(notification_id, contact_index, channel, attempt, status,
+                                      detail, duration_ms)
+    SELECT n.id, $2::int, $3, $4::int, 'delivered', $5, $6 FROM notifications n
+     WHERE n.id = $1::uuid AND $2::int < jsonb_array_length(n.progress) AND NOT EXISTS (
+           SELECT 1 FROM notification_attempts
+            WHERE notification_id = $1::uuid AND contact_index = $2::int AND attempt = $4::int
+              AND status = 'delivered')
+"""
+
+
 def _attempt_row(a: Attempt) -> tuple[Any, ...]:
     return (a.notification_id, a.contact_index, a.channel, a.attempt, a.status.value, a.detail,
             a.duration_s * 1000.0)
@@ -173,29 +194,19 @@ class NotificationsStore:
 
     # --- recording ------------------------------------------------------------------
     async def record_delivered(self, attempt: Attempt) -> None:
-        """One delivered send, in its own committed transaction: the contact is marked
+        """One delivered send, committed before this returns: the contact is marked
         delivered in the notification's progress (with ``attempt.attempt`` attempts) and
-        the attempt is stored. The notification's row is locked meanwhile, as
-        ``finish_round`` locks it, so the two never interleave. A repeat changes nothing;
-        an unknown notification is ignored."""
+        the attempt is stored, in one statement (one round trip: the dispatcher makes this
+        call between two sends of a lane). Marking takes the notification's row lock, as
+        ``finish_round`` does, so a round ending meanwhile is waited for and then kept
+        (``finish_round`` adopts the delivery). A repeat changes nothing; an unknown
+        notification or contact is ignored."""
         if attempt.status is not SendStatus.DELIVERED:
             raise ValueError(f"record_delivered got a {attempt.status.value} attempt")
-        async with self.pool.acquire() as conn, conn.transaction():
-            stored = await conn.fetchval(
-                "SELECT progress FROM notifications WHERE id = $1::uuid FOR UPDATE",
-                attempt.notification_id)
-            if stored is None:
-                return
-            progress = _progress(stored)
-            i = attempt.contact_index
-            progress += [ContactProgress() for _ in range(i + 1 - len(progress))]
-            if progress[i].status is not ContactStatus.DELIVERED:
-                progress[i] = ContactProgress(ContactStatus.DELIVERED, attempt.attempt)
-                await conn.execute(
-                    "UPDATE notifications SET progress = $2::jsonb, updated_at = now()"
-                    " WHERE id = $1::uuid", attempt.notification_id,
-                    json.dumps([p.to_json() for p in progress]))
-            await conn.execute(_INSERT_ATTEMPT, *_attempt_row(attempt))
+        await self.pool.execute(
+            _RECORD_DELIVERED, attempt.notification_id, attempt.contact_index, attempt.channel,
+            attempt.attempt, attempt.detail, attempt.duration_s * 1000.0,
+            json.dumps(ContactProgress(ContactStatus.DELIVERED, attempt.attempt).to_json()))
 
     async def finish_round(self, results: Sequence[RoundResult]) -> None:
         """The round's attempts, each job's progress and its final state or next due time,
