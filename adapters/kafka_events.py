@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,23 +121,33 @@ def notification_event(notification_id: str, status: str, *, channel: str | None
     return Event(notification_id, value)
 
 
-def round_events(results: Sequence[Any]) -> list[Event]:
+def attempt_event(attempt: Any, status: str, at: str | None = None) -> Event:
+    """One attempt (``stages.notifications.Attempt``) under the status it left its
+    notification in."""
+    delivered = attempt.status.value == "delivered"
+    return notification_event(
+        attempt.notification_id, status, channel=attempt.channel, attempt=attempt.attempt,
+        error=None if delivered else (attempt.detail or attempt.status.value), at=at,
+        attemptStatus=attempt.status.value, contactIndex=attempt.contact_index)
+
+
+def round_events(results: Sequence[Any],
+                 recorded: Collection[tuple[str, int, int]] = frozenset()) -> list[Event]:
     """The events of dispatch rounds (``RoundResult``s): one per attempt, under the status
     the round left its notification in (``processing`` when it will be retried, else the
     final state), with ``channel``, ``attempt``, ``error`` (the detail of an attempt that
     did not deliver) and the extensions ``attemptStatus`` and ``contactIndex``; a final
-    state reached without an attempt has one event of its own."""
+    state reached without an attempt has one event of its own. Deliveries in ``recorded``
+    (notification id, contact index, attempt) had their event when they were recorded
+    one by one: they get none here, and a final state they alone reached gets its own."""
     at = now_rfc3339()
     out: list[Event] = []
     for r in results:
         status = r.final.value if r.final is not None else "processing"
-        for a in r.attempts:
-            delivered = a.status.value == "delivered"
-            out.append(notification_event(
-                r.job.id, status, channel=a.channel, attempt=a.attempt,
-                error=None if delivered else (a.detail or a.status.value), at=at,
-                attemptStatus=a.status.value, contactIndex=a.contact_index))
-        if not r.attempts and r.final is not None:
+        fresh = [a for a in r.attempts if a.status.value != "delivered"
+                 or (a.notification_id, a.contact_index, a.attempt) not in recorded]
+        out.extend(attempt_event(a, status, at) for a in fresh)
+        if not fresh and r.final is not None:
             out.append(notification_event(r.job.id, status, at=at))
     return out
 

@@ -27,6 +27,16 @@ from stages.notifications import Delivery, ResultCallback, SendResult
 log = logging.getLogger("conveyor.smtp")
 
 
+def _stop_if_cancelled() -> None:
+    """Raises ``CancelledError`` when this task was asked to stop. A cancellation that
+    arrives just as the server's reply does can be swallowed on its way through
+    ``asyncio.wait_for`` (aiosmtplib's reply wait, Python 3.11): the lane must not go on to
+    its next message then, or a stopped dispatcher would keep sending."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def classify_code(code: int, text: str) -> SendResult:
     detail = f"{code} {text}".strip()[:500]
     if 400 <= code < 500:
@@ -93,6 +103,7 @@ class SmtpChannel:
         unsent: list[tuple[int, Delivery]] = []
         try:
             for pos, (idx, d) in enumerate(share):
+                _stop_if_cancelled()
                 async with self._slots:
                     if smtp is None:
                         try:

@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 
 from adapters import event_outbox
-from adapters.kafka_events import notification_event, round_events
+from adapters.kafka_events import attempt_event, notification_event, round_events
 from stages.notifications import (
     Attempt,
     ContactProgress,
@@ -200,13 +200,20 @@ class NotificationsStore:
         call between two sends of a lane). Marking takes the notification's row lock, as
         ``finish_round`` does, so a round ending meanwhile is waited for and then kept
         (``finish_round`` adopts the delivery). A repeat changes nothing; an unknown
-        notification or contact is ignored."""
+        notification or contact is ignored. With the event bus on, the attempt's event
+        (status ``processing``: the round has not ended) is appended in the same
+        transaction, once: ``finish_round`` does not repeat it."""
         if attempt.status is not SendStatus.DELIVERED:
             raise ValueError(f"record_delivered got a {attempt.status.value} attempt")
-        await self.pool.execute(
-            _RECORD_DELIVERED, attempt.notification_id, attempt.contact_index, attempt.channel,
-            attempt.attempt, attempt.detail, attempt.duration_s * 1000.0,
-            json.dumps(ContactProgress(ContactStatus.DELIVERED, attempt.attempt).to_json()))
+        args = (attempt.notification_id, attempt.contact_index, attempt.channel,
+                attempt.attempt, attempt.detail, attempt.duration_s * 1000.0,
+                json.dumps(ContactProgress(ContactStatus.DELIVERED, attempt.attempt).to_json()))
+        if not self.events_enabled:
+            await self.pool.execute(_RECORD_DELIVERED, *args)
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await conn.execute(_RECORD_DELIVERED, *args) != "INSERT 0 0":
+                await event_outbox.append(conn, [attempt_event(attempt, "processing")])
 
     async def finish_round(self, results: Sequence[RoundResult]) -> None:
         """The round's attempts, each job's progress and its final state or next due time,
@@ -223,6 +230,7 @@ class NotificationsStore:
             stored = {r["id"]: _progress(r["progress"]) for r in rows}
             results = [adopt_recorded(r, stored.get(r.job.id, [])) for r in results]
             attempts: list[Attempt] = [a for r in results for a in r.attempts]
+            recorded = (await self._recorded(conn, attempts)) if self.events_enabled else set()
             if attempts:
                 await conn.executemany(_INSERT_ATTEMPT, [_attempt_row(a) for a in attempts])
             await conn.executemany(
@@ -242,7 +250,19 @@ class NotificationsStore:
                     " due_at = now() + make_interval(secs => $3::float8)"
                     " WHERE notification_id = $1::uuid", later)
             if self.events_enabled:
-                await event_outbox.append(conn, round_events(results))
+                await event_outbox.append(conn, round_events(results, recorded))
+
+    @staticmethod
+    async def _recorded(conn: asyncpg.Connection,
+                        attempts: Sequence[Attempt]) -> set[tuple[str, int, int]]:
+        """Which of these deliveries are stored already (by ``record_delivered``)."""
+        ids = sorted({a.notification_id for a in attempts if a.status is SendStatus.DELIVERED})
+        if not ids:
+            return set()
+        rows = await conn.fetch(
+            "SELECT notification_id::text AS id, contact_index, attempt FROM notification_attempts"
+            " WHERE notification_id = ANY($1::uuid[]) AND status = 'delivered'", ids)
+        return {(r["id"], r["contact_index"], r["attempt"]) for r in rows}
 
     async def release(self, ids: Sequence[str]) -> None:
         """Give claimed rows back (a round could not run): claimable again at once."""

@@ -150,6 +150,37 @@ async def test_notification_status_changes_are_appended_in_the_transactions_that
     assert got[2]["attemptStatus"] == "transient" and len({v["eventId"] for v in got}) == 4
 
 
+async def appended(db_pool: Any, key: str) -> list[dict[str, Any]]:
+    """The events appended under ``key``, in order (read directly: a claim would lease)."""
+    rows = await db_pool.fetch("SELECT value FROM event_outbox WHERE key = $1 ORDER BY id", key)
+    return [orjson.loads(r["value"]) for r in rows]
+
+
+async def test_a_delivery_recorded_as_it_happens_has_its_event_once(db_pool: Any) -> None:
+    """``record_delivered`` appends the attempt's event in its own commit (a dispatcher
+    killed before the round ends loses no event); a repeat appends none, and the round's
+    end adds only the final state, not the attempt again."""
+    store = NotificationsStore(db_pool, events_enabled=True)
+    nid = str(uuid.uuid4())
+    await store.accept([NotificationDraft(
+        id=nid, subject_id="billing", subject_name=None, message="paid", is_immediate=True,
+        contacts=[{"type": "email", "value": "a@example.com"}], strategy="send_to_first_available",
+        created_at=time.time())])
+    (job,) = await store.claim_ids([nid], 30)
+    sent = Attempt(nid, 0, "email", 1, SendStatus.DELIVERED, "250 queued", 0.1)
+    await store.record_delivered(sent)
+    await store.record_delivered(sent)  # a repeat: no second event
+    assert [v["status"] for v in await appended(db_pool, nid)] == [
+        "accepted", "processing", "processing"]
+    job.progress[0].status = job.progress[0].status.DELIVERED
+    await store.finish_round([RoundResult(job, [sent], FinalState.DELIVERED)])
+    got = await appended(db_pool, nid)
+    assert [(v["status"], v.get("channel"), v.get("attempt"), v.get("attemptStatus"))
+            for v in got] == [("accepted", None, None, None), ("processing", None, None, None),
+                              ("processing", "email", 1, "delivered"),
+                              ("delivered", None, None, None)]
+
+
 async def test_events_are_not_marked_published_while_the_broker_is_down(
         db_pool: Any, kafka_broker: Any, topic: str) -> None:
     store = PostgresStore(db_pool, events_enabled=True)
