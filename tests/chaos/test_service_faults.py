@@ -26,13 +26,12 @@ from settings import Settings
 from tests.chaos import faults
 from tests.chaos.history import Verdict
 from tests.chaos.scenario import assert_clean, run_fault, write_row
-from tests.conftest import E2E_SETTINGS, App, free_port
+from tests.conftest import E2E_SETTINGS, SMALL, App, free_port, side_app
 from tests.integration.kafka_helpers import make_topics, read_topic, values
 
 pytestmark = [pytest.mark.e2e, pytest.mark.disruptive, pytest.mark.chaos]
 
 APP_NAME = "chaos"
-PREFIX = "/chaos"
 SMTP_DELAY_S = 0.1  # per e-mail, so a batch of 40 stays in flight for seconds
 
 
@@ -65,20 +64,14 @@ def smtp_sink() -> Iterator[tuple[SlowSink, int]]:
 def chaos_app(conveyor: App, new_database: Any, kafka_broker: Any, redis_server: Any,
               smtp_sink: tuple[SlowSink, int], tmp_path_factory: pytest.TempPathFactory
               ) -> Iterator[App]:
-    from ray import serve
-
-    from serve_app.app import build_graph
-
     work = tmp_path_factory.mktemp("chaos")
     tag = uuid.uuid4().hex[:6]
     topics = {"kafka_events_topic": f"chaos.{tag}.events",
               "kafka_ingress_topic": f"chaos.{tag}.ingress",
               "kafka_ingress_dlq_topic": f"chaos.{tag}.dlq"}
     asyncio.run(make_topics(kafka_broker.bootstrap, *topics.values()))
-    base = f"{conveyor.base_url}{PREFIX}"
-    dsn = new_database("chaos")
-    settings = {**E2E_SETTINGS, "data_dir": str(conveyor.data_dir), "database_url": dsn,
-                "mail_dir": str(work / "mail"), "public_base_url": base,
+    settings = {**E2E_SETTINGS, "data_dir": str(conveyor.data_dir),
+                "database_url": new_database("chaos"), "mail_dir": str(work / "mail"),
                 "state_actor_prefix": "chaos",
                 "kafka_bootstrap": kafka_broker.bootstrap, **topics,
                 "kafka_ingress_group": f"chaos-{tag}", "event_relay_interval_s": 0.1,
@@ -86,23 +79,11 @@ def chaos_app(conveyor: App, new_database: Any, kafka_broker: Any, redis_server:
                 "redis_url": redis_server.url,
                 "smtp_host": "127.0.0.1", "smtp_port": smtp_sink[1],
                 "notification_lease_s": 5.0, "notification_flush_interval_s": 0.5}
-    small = {"ray_actor_options": {"num_cpus": 0.05}}
-    serve.run(build_graph(dict(settings), options={
-        name: small for name in ("Gateway", "stages", "OutboxRelay", "NotificationDispatcher",
-                                 "EventRelay", "KafkaIngress")}),
-        name=APP_NAME, route_prefix=PREFIX)
-    try:
-        deadline = time.monotonic() + 90
-        while httpx.get(f"{base}/health/ready", timeout=15).status_code != 200:
-            assert time.monotonic() < deadline, "the chaos app did not become ready"
-            time.sleep(0.5)
-        yield App(base, conveyor.ws_url.replace("/v1/ws", f"{PREFIX}/v1/ws"), dsn,
-                  conveyor.data_dir, settings)
-    finally:
-        serve.delete(APP_NAME)
-        # Its state actors are detached (they outlive the app): end them with it.
-        for name in faults.state_actors(f"{settings['state_actor_prefix']}-"):
-            faults.kill_state_actor(name, restart=False)
+    options = {name: SMALL for name in ("Gateway", "stages", "OutboxRelay",
+                                        "NotificationDispatcher", "EventRelay", "KafkaIngress")}
+    # Its state actors (prefix "chaos") are detached: side_app ends them with it.
+    with side_app(conveyor, APP_NAME, settings, options=options, ready_timeout_s=90) as app:
+        yield app
 
 
 async def test_kafka_broker_restarted_under_load(chaos_app: App, kafka_broker: Any) -> None:
