@@ -200,8 +200,16 @@ class FakeObjects:
 
 
 class FakeAttachments:
+    """``AttachmentStore`` in memory; while ``down`` is set, ``finish`` and ``release``
+    raise as an unreachable database would."""
+
     def __init__(self, *records: AttachmentRecord) -> None:
         self.rows = {r.id: r for r in records}
+        self.down = False
+
+    def _reachable(self) -> None:
+        if self.down:
+            raise ConnectionError("the attachment store cannot be reached")
 
     async def create(self, records: Sequence[AttachmentRecord]) -> list[tuple[AttachmentRecord, bool]]:
         raise NotImplementedError
@@ -217,6 +225,7 @@ class FakeAttachments:
         return rec
 
     async def release(self, attachment_id: str, claim: str) -> bool:
+        self._reachable()
         rec = self.rows[attachment_id]
         if rec.state != "verifying" or rec.claim != claim:
             return False
@@ -225,6 +234,7 @@ class FakeAttachments:
 
     async def finish(self, attachment_id: str, claim: str, state: str,
                      reason: str | None = None) -> bool:
+        self._reachable()
         rec = self.rows[attachment_id]
         if rec.state != "verifying" or rec.claim != claim:
             return False
@@ -272,6 +282,27 @@ class FakeKick:
 
     def kick(self, ids: Any) -> None:
         self.kicked.extend(ids)
+
+
+class BrokenChannel:
+    """An e-mail channel whose batch fails with ``error`` once it has reported its first
+    ``reported`` deliveries delivered (``on_result``)."""
+
+    kind = "email"
+
+    def __init__(self, error: Exception, reported: int = 0) -> None:
+        self.error = error
+        self.reported = reported
+
+    def available(self) -> bool:
+        return True
+
+    async def send(self, deliveries: Sequence[Send],
+                   on_result: ResultCallback | None = None) -> list[SendResult]:
+        for k in range(min(self.reported, len(deliveries))):
+            assert on_result is not None
+            await on_result(k, SendResult.ok("250"))
+        raise self.error
 
 
 class ScriptedChannel:

@@ -127,16 +127,22 @@ async def test_chat_events_reach_the_topic_only_after_commit_and_leave_the_outbo
     assert len({v["eventId"] for v in got}) == 6
 
 
-async def test_notification_status_changes_are_appended_in_the_transactions_that_make_them(
-        db_pool: Any) -> None:
-    store = NotificationsStore(db_pool, events_enabled=True)
-    outbox = EventOutbox(db_pool)
+async def accepted_and_claimed(store: NotificationsStore) -> tuple[str, Any]:
+    """One immediate e-mail notification, accepted and claimed for a round."""
     nid = str(uuid.uuid4())
     await store.accept([NotificationDraft(
         id=nid, subject_id="billing", subject_name=None, message="paid", is_immediate=True,
         contacts=[{"type": "email", "value": "a@example.com"}], strategy="send_to_first_available",
         created_at=time.time())])
     (job,) = await store.claim_ids([nid], 30)
+    return nid, job
+
+
+async def test_notification_status_changes_are_appended_in_the_transactions_that_make_them(
+        db_pool: Any) -> None:
+    store = NotificationsStore(db_pool, events_enabled=True)
+    outbox = EventOutbox(db_pool)
+    nid, job = await accepted_and_claimed(store)
     await store.finish_round([RoundResult(job, [Attempt(nid, 0, "email", 1, SendStatus.TRANSIENT,
                                                         "451 busy", 0.1)], None, 1.0)])
     await store.finish_round([RoundResult(job, [Attempt(nid, 0, "email", 2, SendStatus.DELIVERED,
@@ -161,12 +167,7 @@ async def test_a_delivery_recorded_as_it_happens_has_its_event_once(db_pool: Any
     killed before the round ends loses no event); a repeat appends none, and the round's
     end adds only the final state, not the attempt again."""
     store = NotificationsStore(db_pool, events_enabled=True)
-    nid = str(uuid.uuid4())
-    await store.accept([NotificationDraft(
-        id=nid, subject_id="billing", subject_name=None, message="paid", is_immediate=True,
-        contacts=[{"type": "email", "value": "a@example.com"}], strategy="send_to_first_available",
-        created_at=time.time())])
-    (job,) = await store.claim_ids([nid], 30)
+    nid, job = await accepted_and_claimed(store)
     sent = Attempt(nid, 0, "email", 1, SendStatus.DELIVERED, "250 queued", 0.1)
     await store.record_delivered(sent)
     await store.record_delivered(sent)  # a repeat: no second event

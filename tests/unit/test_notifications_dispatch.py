@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 
 from adapters.bitrix import TokenBucket, classify
@@ -16,13 +14,12 @@ from stages.notifications import (
     FinalState,
     GuardedChannel,
     Job,
-    ResultCallback,
     RetryPolicy,
     SendResult,
     SendStatus,
     dispatch_round,
 )
-from tests.fakes import ScriptedChannel
+from tests.fakes import BrokenChannel, ScriptedChannel
 
 OK, TRANSIENT = SendResult.ok("x"), SendResult.transient("421 busy")
 PERMANENT = SendResult.permanent("550 no")
@@ -145,17 +142,8 @@ def test_breaker_opens_after_failures_and_half_opens_after_reset() -> None:
 
 
 async def test_guarded_channel_trips_and_reports_unavailable() -> None:
-    class Broken:
-        kind = "email"
-
-        def available(self) -> bool:
-            return True
-
-        async def send(self, deliveries: Sequence[Delivery],
-                       on_result: ResultCallback | None = None) -> list[SendResult]:
-            raise ConnectionRefusedError("down")
-
-    g = GuardedChannel(Broken(), CircuitBreaker(failures=2, reset_s=60.0))
+    g = GuardedChannel(BrokenChannel(ConnectionRefusedError("down")),
+                       CircuitBreaker(failures=2, reset_s=60.0))
     d = [Delivery("n", 0, "a@b.co", "m")]
     assert (await g.send(d))[0].status is SendStatus.TRANSIENT
     assert g.available()

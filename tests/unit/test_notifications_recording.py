@@ -27,7 +27,7 @@ from stages.notifications import (
     adopt_recorded,
     dispatch_round,
 )
-from tests.fakes import FakeDispatchQueue, ScriptedChannel
+from tests.fakes import BrokenChannel, FakeDispatchQueue, ScriptedChannel
 
 POLICY = RetryPolicy(max_attempts=3, base_s=1.0, max_s=10.0)
 
@@ -189,24 +189,13 @@ def test_a_stored_delivery_is_adopted_and_settles_the_job() -> None:
 
 
 async def test_guarded_channel_keeps_deliveries_reported_before_the_batch_failed() -> None:
-    class DiesAfterOne:
-        kind = "email"
-
-        def available(self) -> bool:
-            return True
-
-        async def send(self, deliveries: Sequence[Delivery],
-                       on_result: ResultCallback | None = None) -> list[SendResult]:
-            assert on_result is not None
-            await on_result(0, SendResult.ok("250"))
-            raise ConnectionResetError("server went away")
-
     seen: list[tuple[int, SendStatus]] = []
 
     async def on_result(i: int, r: SendResult) -> None:
         seen.append((i, r.status))
 
-    g = GuardedChannel(DiesAfterOne(), CircuitBreaker(failures=2, reset_s=60.0))
+    g = GuardedChannel(BrokenChannel(ConnectionResetError("server went away"), reported=1),
+                       CircuitBreaker(failures=2, reset_s=60.0))
     batch = [Delivery(f"n{i}", 0, f"u{i}@example.com", "hi") for i in range(3)]
     results = await g.send(batch, on_result)
     assert [r.status for r in results] == [SendStatus.DELIVERED] + [SendStatus.TRANSIENT] * 2
