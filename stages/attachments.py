@@ -25,7 +25,7 @@ the technical chat message (``kind: attachment``) → link → deliver.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import re
 import secrets
 import time
@@ -151,12 +151,56 @@ class CreateUpload:
         return out
 
 
-class _Refusals:
+RELEASE_RETRY_S = 120.0  # how long a claim whose release failed is offered back again
+RELEASE_BACKOFF_MAX_S = 8.0
+
+
+class _Claims:
+    """Shared by phase-2 stages: the claims a failed batch holds are given back.
+
+    A release that fails (the store unreachable: the very failure that often failed the
+    batch) is tried again in the background, with backoff, for ``RELEASE_RETRY_S``: the
+    record is claimable again soon after the store is back, not only once its claim's
+    lease (``attachment_claim_lease_s``) runs out. A release names its claim, so a late
+    one never touches a record claimed anew or finished meanwhile."""
+
+    def __init__(self, attachments: AttachmentStore) -> None:
+        self.attachments = attachments
+        self._later: set[asyncio.Task[None]] = set()
+
+    async def release_all(self, batch: Sequence[Envelope]) -> None:
+        """The batch failed: give back every claim it holds (those already finished are
+        not affected), so a later event can try again at once instead of after the lease."""
+        for env in batch:
+            claim = env.meta.get("claim")
+            if not claim:
+                continue
+            aid = env.fields["attachmentId"]
+            try:
+                await self.attachments.release(aid, claim)
+            except Exception:
+                task = asyncio.get_running_loop().create_task(self._release_later(aid, claim))
+                self._later.add(task)
+                task.add_done_callback(self._later.discard)
+
+    async def _release_later(self, attachment_id: str, claim: str) -> None:
+        deadline = time.monotonic() + RELEASE_RETRY_S
+        delay = 0.5
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            try:
+                await self.attachments.release(attachment_id, claim)
+                return
+            except Exception:
+                delay = min(delay * 2, RELEASE_BACKOFF_MAX_S)
+
+
+class _Refusals(_Claims):
     """Shared by phase-2 stages: refuse a file for good and tell the uploader why."""
 
     def __init__(self, attachments: AttachmentStore, objects: ObjectStore,
                  hub: DeliveryHub) -> None:
-        self.attachments = attachments
+        super().__init__(attachments)
         self.objects = objects
         self.hub = hub
 
@@ -179,14 +223,6 @@ class _Refusals:
         env.meta["attachmentState"] = "pending"
         return Outcome.reject(env, code, reason)
 
-    async def release_all(self, batch: Sequence[Envelope]) -> None:
-        """The batch failed: give back every claim it holds (those already finished are
-        not affected), so a later event can try again at once instead of after the lease."""
-        for env in batch:
-            claim = env.meta.get("claim")
-            if claim:
-                with contextlib.suppress(Exception):
-                    await self.attachments.release(env.fields["attachmentId"], claim)
 
 
 class VerifyUpload(_Refusals):
@@ -321,17 +357,25 @@ class ScanAttachment(_Refusals):
         return out
 
 
-class FinalizeAttachment:
+class FinalizeAttachment(_Claims):
     """Marks the claimed attachment ready before its message is stored; a claim lost
-    meanwhile (the record expired or was taken over) stops the item: no message."""
+    meanwhile (the record expired or was taken over) stops the item: no message. A batch
+    that fails (the store unreachable) gives its claims back (``_Claims``)."""
 
     name = "finalize_attachment"
 
     def __init__(self, attachments: AttachmentStore, objects: ObjectStore) -> None:
-        self.attachments = attachments
+        super().__init__(attachments)
         self.objects = objects
 
     async def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
+        try:
+            return await self._finalize(batch)
+        except Exception:
+            await self.release_all(batch)
+            raise
+
+    async def _finalize(self, batch: Sequence[Envelope]) -> list[Outcome]:
         out: list[Outcome] = []
         for env in batch:
             if env.meta.get("resumed"):

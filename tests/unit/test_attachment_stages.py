@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -168,3 +169,30 @@ async def test_a_failing_object_store_gives_the_claim_back() -> None:
     with pytest.raises(OSError, match="unreachable"):  # the batch fails (and is retried)...
         await p.scan.process([out.envelope])
     assert p.store.rows[rec.id].state == "pending"  # a retried event can claim it at once
+
+
+async def test_a_claim_held_by_a_batch_that_failed_on_the_store_is_given_back_once_it_returns(
+        ) -> None:
+    """The store goes away between the check and ``finalize``: the batch fails, its claim
+    cannot be released then, and is released in the background as soon as the store
+    answers again (not only after the claim's lease), so the next event finishes it."""
+    rec = record()
+    p = Phase2(rec, FakeScanner())
+    p.objects.data[rec.object_key] = (PNG, "image/png")
+    env = event(rec)
+    for stage in (p.verify, p.scan):
+        (out,) = await stage.process([env])
+        assert out.verdict is Verdict.CONTINUE
+    p.store.down = True
+    with pytest.raises(ConnectionError):
+        await p.finalize.process([env])
+    await asyncio.sleep(0.7)  # a retry or two while the store is still away
+    assert p.store.rows[rec.id].state == "verifying"
+    p.store.down = False
+    for _ in range(60):
+        if p.store.rows[rec.id].state == "pending":
+            break
+        await asyncio.sleep(0.1)
+    assert p.store.rows[rec.id].state == "pending" and p.store.rows[rec.id].claim is None
+    stage, out = await p.run(event(rec))  # the client's next /complete
+    assert stage == "persist" and p.store.rows[rec.id].state == "ready"
