@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import struct
 from collections.abc import AsyncGenerator, AsyncIterable
 
@@ -54,47 +55,59 @@ class ClamdScanner:
         refuses the stream as too large, ``ClamdError`` on another clamd error, and
         OSError/TimeoutError when clamd cannot be reached or is too slow."""
         async with asyncio.timeout(self.timeout_s):
-            reader, writer = await self._open()
+            sock = await self._connect()
             try:
-                reply = await self._instream(reader, writer, chunks)
+                reply = await self._instream(sock, chunks)
             finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+                sock.close()
         return self._parse(reply)
 
-    async def _instream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        chunks: AsyncIterable[bytes] | bytes) -> str:
-        # Read the answer while writing: clamd answers early (and closes) on an error.
-        answer = asyncio.ensure_future(reader.readuntil(b"\0"))
+    async def _connect(self) -> socket.socket:
+        """A non-blocking socket connected to clamd. The scan talks to the socket itself,
+        not through asyncio's streams: a stream's transport closes the socket on the first
+        failed write, dropping an answer clamd had already sent (see ``_instream``)."""
+        loop = asyncio.get_running_loop()
+        if ":" in self.address and not self.address.startswith("/"):
+            host, port = self.address.rsplit(":", 1)
+            family, kind, proto, _, addr = (await loop.getaddrinfo(
+                host, int(port), type=socket.SOCK_STREAM))[0]
+            sock = socket.socket(family, kind, proto)
+        else:
+            sock, addr = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), self.address
+        sock.setblocking(False)
         try:
-            writer.write(b"zINSTREAM\0")
+            await loop.sock_connect(sock, addr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _instream(self, sock: socket.socket, chunks: AsyncIterable[bytes] | bytes) -> str:
+        """Streams the chunks while reading the answer: clamd answers early on an error
+        (the size limit) and closes, with our chunks unread, so our next write fails.
+        The answer it sent before is still in the socket's receive queue, and is read
+        from there after the failed write."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_task(_read_answer(sock))
+        try:
             try:
+                await loop.sock_sendall(sock, b"zINSTREAM\0")
                 async with contextlib.aclosing(_pieces(chunks)) as pieces:
                     async for piece in pieces:
                         if answer.done():
                             break
-                        writer.write(struct.pack("!L", len(piece)) + piece)
-                        await writer.drain()
+                        await loop.sock_sendall(sock, struct.pack("!L", len(piece)) + piece)
                     else:
-                        writer.write(struct.pack("!L", 0))
-                        await writer.drain()
+                        await loop.sock_sendall(sock, struct.pack("!L", 0))
             except (ConnectionResetError, BrokenPipeError):
                 pass  # clamd stopped reading: its answer says why (or it closed silently)
-            try:
-                raw = await answer
-            except asyncio.IncompleteReadError as exc:
-                if not exc.partial:
-                    raise ClamdError("clamd closed the connection without an answer") from None
-                raw = exc.partial
-            except ConnectionResetError:
-                raise ClamdError("clamd reset the connection without an answer") from None
+            raw = await answer
         finally:
             if not answer.done():
                 answer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await answer
-        return raw.rstrip(b"\0").decode(errors="replace").strip()
+        return raw.decode(errors="replace").strip()
 
     @staticmethod
     def _parse(reply: str) -> str | None:
@@ -108,6 +121,26 @@ class ClamdScanner:
         if reply.endswith("OK"):
             return None
         raise ClamdError(f"clamd: unexpected answer {reply!r}")
+
+
+async def _read_answer(sock: socket.socket) -> bytes:
+    """clamd's NUL-terminated answer (without the NUL); what came before a close or reset
+    when it ends early; ``ClamdError`` when nothing came."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while b"\0" not in data:
+        try:
+            piece = await loop.sock_recv(sock, 4096)
+        except ConnectionResetError:
+            piece = b""
+            if not data:
+                raise ClamdError("clamd reset the connection without an answer") from None
+        if not piece:
+            if not data:
+                raise ClamdError("clamd closed the connection without an answer")
+            return data
+        data += piece
+    return data[:data.index(b"\0")]
 
 
 async def _pieces(chunks: AsyncIterable[bytes] | bytes) -> AsyncGenerator[bytes, None]:
